@@ -1,0 +1,129 @@
+"""Storage URIs: local paths, ``file://`` and ``s3://`` behind one pyarrow filesystem layer.
+
+Ray Data and Ray Train take the same ``(filesystem, path)`` pairs, so every stage reads and
+writes object storage through one code path. S3 endpoints other than AWS (MinIO, moto) are
+reached by setting ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``); credentials come from
+the usual AWS environment / profile / instance-role chain.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith(("s3://", "s3a://"))
+
+
+def _s3_filesystem() -> pafs.S3FileSystem:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=8)}
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """Maps a URI to ``(filesystem, path)``.
+
+    ``s3://bucket/key`` → ``(S3FileSystem, "bucket/key")``; ``file:///x`` and plain paths →
+    ``(LocalFileSystem, absolute path)``.
+
+    Raises:
+        ValueError: for schemes other than s3 and file.
+    """
+    uri = str(uri)
+    if is_s3(uri):
+        parsed = urlparse(uri)
+        if not parsed.netloc:
+            raise ValueError(f"{uri!r}: an s3 URI needs a bucket (s3://bucket/prefix)")
+        return _s3_filesystem(), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    if "://" in uri:
+        parsed = urlparse(uri)
+        if parsed.scheme != "file":
+            raise ValueError(f"{uri!r}: unsupported storage scheme {parsed.scheme!r} (use a path, file:// or s3://)")
+        uri = parsed.path
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def join(uri: str, *parts: str) -> str:
+    """Joins path parts onto a URI, keeping its scheme."""
+    return "/".join([str(uri).rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def write_text(uri: str, text: str) -> None:
+    fs, path = resolve(uri)
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def read_text(uri: str) -> str:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Paths (filesystem-relative) of files under ``uri`` ending with ``suffix``, sorted."""
+    fs, path = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str) -> None:
+    """Copies a local directory tree to ``uri`` (local or s3)."""
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(Path(local_dir).resolve()), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def download_dir(uri: str, local_dir: str | os.PathLike) -> Path:
+    """Copies the tree at ``uri`` into ``local_dir`` (created) and returns it."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{uri}: no such directory")
+    local = Path(local_dir)
+    local.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(local.resolve()), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local
+
+
+def local_or_download(uri: str, cache_root: str | os.PathLike) -> Path:
+    """A local directory holding ``uri``: the path itself when local, else a cached download."""
+    if not is_s3(uri):
+        _, path = resolve(uri)
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{uri}: no such directory")
+        return Path(path)
+    import hashlib
+
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    dest = Path(cache_root) / key
+    marker = dest / ".raychat-complete"
+    if not marker.exists():
+        tmp = Path(cache_root) / f".{key}.{os.getpid()}.tmp"
+        download_dir(uri, tmp)
+        (tmp / ".raychat-complete").write_text(uri)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process finished first; theirs is as good
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest

@@ -1,0 +1,165 @@
+"""Tokenizers and conversation tokenization with per-token C-RLFT loss weights.
+
+The embedded default tokenizer is the real Mistral-7B v0.1 SentencePiece model shipped in
+the ``mistral-common`` wheel, plus OpenChat's two special tokens — no network needed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from libs.schema import Conversation, DroppedRow
+from libs.templates import ChatTemplate, Segment
+
+EOT_TOKEN = "<|end_of_turn|>"
+PAD_TOKEN = "<|pad_0|>"
+OPENCHAT_SPECIAL_TOKENS = (EOT_TOKEN, PAD_TOKEN)
+# Ids OpenChat 3.5 checkpoints use; the embedded tokenizer must reproduce them exactly.
+OPENCHAT_SPECIAL_IDS = {EOT_TOKEN: 32000, PAD_TOKEN: 32001}
+EMBEDDED_TOKENIZER_NAME = "mistral-7b-v0.1+openchat"
+
+# OpenChat 3.5's published Jinja template, so `tokenizer.apply_chat_template` agrees with raychat.
+OPENCHAT_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ 'GPT4 Correct ' + message['role'].title() + ': ' + message['content'] + '<|end_of_turn|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'GPT4 Correct Assistant:' }}{% endif %}"
+)
+
+
+def embedded_tokenizer_file() -> Path:
+    """Path of Mistral-7B v0.1's SentencePiece model inside the installed ``mistral-common``."""
+    import mistral_common
+
+    path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: the installed mistral-common does not ship tokenizer.model.v1"
+        )
+    return path
+
+
+def build_embedded_tokenizer():
+    """Builds the default tokenizer: Mistral-7B v0.1 + ``<|end_of_turn|>`` (32000), ``<|pad_0|>`` (32001)."""
+    from transformers import LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        shutil.copy(embedded_tokenizer_file(), os.path.join(d, "tokenizer.model"))
+        tok = LlamaTokenizer.from_pretrained(d)
+    tok.add_special_tokens({"additional_special_tokens": list(OPENCHAT_SPECIAL_TOKENS)})
+    got = {t: tok.convert_tokens_to_ids(t) for t in OPENCHAT_SPECIAL_TOKENS}
+    if got != OPENCHAT_SPECIAL_IDS:
+        raise RuntimeError(f"special token ids {got} differ from OpenChat's {OPENCHAT_SPECIAL_IDS}")
+    tok.pad_token = PAD_TOKEN
+    tok.chat_template = OPENCHAT_CHAT_TEMPLATE
+    tok.name_or_path = EMBEDDED_TOKENIZER_NAME
+    return tok
+
+
+def load_tokenizer(path: str | os.PathLike | None):
+    """Loads a tokenizer from a local HF directory, or the embedded default when ``path`` is None."""
+    if path is None:
+        return build_embedded_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+@dataclass
+class TokenizedConversation:
+    """Token ids with unshifted weights: ``weights[t]`` weighs predicting ``input_ids[t]``."""
+
+    input_ids: list[int]
+    weights: list[float]
+    truncated: bool = False
+
+    @property
+    def total_weight(self) -> float:
+        return float(sum(self.weights))
+
+
+class ConversationTokenizer:
+    """Turns conversations (or prompts) into token ids and C-RLFT weights with a template.
+
+    Every text segment is tokenized on its own without BOS/EOS, with special tokens escaped
+    so a user who types ``<|end_of_turn|>`` gets plain-text tokens, never the control token.
+    """
+
+    def __init__(self, tokenizer, template: ChatTemplate, max_length: int):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_length = max_length
+        self.bos_id = tokenizer.bos_token_id
+        self.eot_id = tokenizer.convert_tokens_to_ids(template.eot_token)
+        if self.eot_id is None or self.eot_id == tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer has no {template.eot_token!r} token; add it before training")
+
+    def _encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def encode_segments(self, segment_lists: Sequence[list[Segment]]) -> list[tuple[list[int], list[float]]]:
+        """Tokenizes many segment lists with one batched tokenizer call."""
+        texts = [s.text for segs in segment_lists for s in segs if s.kind not in ("bos", "eot")]
+        encoded = iter(self._encode_texts(texts))
+        out = []
+        for segs in segment_lists:
+            ids: list[int] = []
+            weights: list[float] = []
+            for s in segs:
+                if s.kind == "bos":
+                    piece = [self.bos_id]
+                elif s.kind == "eot":
+                    piece = [self.eot_id]
+                else:
+                    piece = next(encoded)
+                ids += piece
+                weights += [s.weight] * len(piece)
+            out.append((ids, weights))
+        return out
+
+    def conversation_segments(self, conv: Conversation) -> list[Segment]:
+        return self.template.segments(
+            [(m.role, m.content, m.weight) for m in conv.items],
+            condition=conv.condition,
+            system=conv.system,
+        )
+
+    def finalize(self, ids: list[int], weights: list[float]) -> TokenizedConversation:
+        """Truncates to ``max_length`` and trims trailing zero-weight tokens.
+
+        Raises:
+            DroppedRow: ``no_supervised_tokens`` when nothing weighs more than 0 after truncation.
+        """
+        truncated = len(ids) > self.max_length
+        ids, weights = ids[: self.max_length], weights[: self.max_length]
+        end = len(weights)
+        while end and weights[end - 1] == 0.0:
+            end -= 1
+        if end == 0:
+            why = "after truncation to %d tokens" % self.max_length if truncated else "(all weights are 0)"
+            raise DroppedRow("no_supervised_tokens", f"no token with weight > 0 {why}")
+        return TokenizedConversation(ids[:end], weights[:end], truncated)
+
+    def encode(self, conv: Conversation) -> TokenizedConversation:
+        """Tokenizes one conversation for training."""
+        ((ids, weights),) = self.encode_segments([self.conversation_segments(conv)])
+        return self.finalize(ids, weights)
+
+    def encode_prompt(
+        self, messages: list[tuple[str, str]], condition: str | None = None, system: str = ""
+    ) -> list[int]:
+        """Tokenizes a chat prompt for generation, ending with the open assistant prefix."""
+        segs = self.template.segments(
+            [(role, content, 0.0) for role, content in messages],
+            condition=condition,
+            system=system,
+            add_generation_prompt=True,
+        )
+        ((ids, _),) = self.encode_segments([segs])
+        return ids
