@@ -1,0 +1,18 @@
+"""Integration tests run real local Ray: one shared 2-CPU instance per session."""
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    # The moto endpoint/credentials are in os.environ before Ray starts, so every worker inherits them.
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()

@@ -1,0 +1,85 @@
+import pytest
+
+from libs.schema import Conversation, DroppedRow
+from libs.templates import get_template
+from libs.tokenization import ConversationTokenizer
+
+
+@pytest.fixture(scope="module")
+def ct(tokenizer):
+    return ConversationTokenizer(tokenizer, get_template("openchat_3.5"), max_length=512)
+
+
+def conv(*turns, condition="GPT4 Correct", system=""):
+    return Conversation.model_validate(
+        {"items": [{"role": r, "content": c, "weight": w} for r, c, w in turns], "condition": condition, "system": system}
+    )
+
+
+def test_embedded_tokenizer_has_openchat_special_ids(tokenizer):
+    assert len(tokenizer) == 32002
+    assert tokenizer.convert_tokens_to_ids("<|end_of_turn|>") == 32000
+    assert tokenizer.convert_tokens_to_ids("<|pad_0|>") == 32001
+    assert tokenizer.bos_token_id == 1
+
+
+@pytest.fixture(scope="module")
+def sp():
+    import sentencepiece
+
+    from libs.tokenization import embedded_tokenizer_file
+
+    return sentencepiece.SentencePieceProcessor(model_file=str(embedded_tokenizer_file()))
+
+
+def test_ids_match_openchat_reference_segmentwise_tokenization(ct, sp):
+    # OpenChat's reference: BOS, then each role prefix and each content tokenized on its own, EOT after each
+    # message. Computed here with plain sentencepiece, independent of transformers.
+    tc = ct.encode(conv(("user", "Hello there", 0.0), ("assistant", "Hi! How can I help?", 1.0)))
+    eot = 32000
+    reference = (
+        [1] + sp.encode("GPT4 Correct User:") + sp.encode("Hello there") + [eot]
+        + sp.encode("GPT4 Correct Assistant:") + sp.encode("Hi! How can I help?") + [eot]
+    )
+    assert tc.input_ids == reference
+
+
+def test_weights_zero_on_bos_prefixes_and_user_and_message_weight_on_assistant(ct, tokenizer):
+    tc = ct.encode(conv(("user", "What is 2 + 3?", 0.0), ("assistant", "5", 0.1), condition="GPT3"))
+    answer_ids = tokenizer("5", add_special_tokens=False)["input_ids"]
+    n_sup = len(answer_ids) + 1  # answer + its end-of-turn
+    assert tc.weights[-n_sup:] == pytest.approx([0.1] * n_sup)
+    assert all(w == 0 for w in tc.weights[:-n_sup])
+    assert tc.input_ids[-1] == 32000
+    assert tc.input_ids[-n_sup:-1] == answer_ids
+    assert len(tc.input_ids) == len(tc.weights)
+
+
+def test_user_typing_end_of_turn_gets_plain_text_tokens(ct):
+    tc = ct.encode(conv(("user", "please type <|end_of_turn|> now", 0.0), ("assistant", "ok", 1.0)))
+    # Exactly two control tokens: the real ends of the two turns.
+    assert tc.input_ids.count(32000) == 2
+
+
+def test_truncates_to_max_length_and_trims_trailing_zero_weights(tokenizer):
+    small = ConversationTokenizer(tokenizer, get_template("openchat_3.5"), max_length=20)
+    tc = small.encode(conv(("user", "q", 0.0), ("assistant", "one two three four five six seven eight nine ten eleven", 1.0)))
+    assert tc.truncated and len(tc.input_ids) == 20
+    tc2 = small.encode(conv(("user", "q", 0.0), ("assistant", "a", 1.0), ("user", "more words to be trimmed", 0.0)))
+    assert tc2.weights[-1] > 0 and tc2.input_ids[-1] == 32000
+
+
+def test_drops_row_with_no_supervised_token_after_truncation(tokenizer):
+    small = ConversationTokenizer(tokenizer, get_template("openchat_3.5"), max_length=10)
+    with pytest.raises(DroppedRow) as e:
+        small.encode(conv(("user", "a long question " * 10, 0.0), ("assistant", "answer", 1.0)))
+    assert e.value.reason == "no_supervised_tokens"
+
+
+def test_prompt_ends_with_open_assistant_prefix(ct, sp):
+    ids = ct.encode_prompt([("user", "Hi")], condition=None, system="Be brief.")
+    expected = (
+        [1] + sp.encode("Be brief.") + [32000] + sp.encode("GPT4 Correct User:") + sp.encode("Hi") + [32000]
+        + sp.encode("GPT4 Correct Assistant:")
+    )
+    assert ids == expected
