@@ -13,7 +13,6 @@ PIP_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	@echo "==> creating $(VENV) and installing raychat[dev] ($(if $(CONSTRAINTS),constraints: $(CONSTRAINTS),no constraints))"
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 	$(VENV)/bin/pip install -q $(PIP_FLAGS) -e '.[dev]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 	touch $@
 
