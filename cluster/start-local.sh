@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Start a local Ray head from the project's virtualenv: dashboard on 127.0.0.1:8265,
-# Prometheus metrics on :8080. Then: export RAY_ADDRESS=http://127.0.0.1:8265
+# Start a local Ray head from the project's virtualenv: dashboard / Jobs API on 127.0.0.1:8265,
+# Prometheus metrics on :8080, Ray token authentication on (token in ~/.ray/auth_token).
+# Then point the CLIs at it:  source cluster/local-env.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RAY=${RAY:-.venv/bin/ray}
+export RAY_AUTH_MODE=token
+"$RAY" get-auth-token --generate >/dev/null
 "$RAY" start --head --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 --dashboard-port 8265 \
   --metrics-export-port 8080 --num-cpus "${NUM_CPUS:-$(nproc)}" --disable-usage-stats "$@"
-echo "Ray head up. Jobs API / dashboard: http://127.0.0.1:8265  (export RAY_ADDRESS=http://127.0.0.1:8265)"
+echo "Ray head up: dashboard and Jobs API at http://127.0.0.1:8265 — now run: source cluster/local-env.sh"

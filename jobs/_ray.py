@@ -7,6 +7,8 @@ import os
 
 import ray
 
+from libs.raycfg import ray_address
+
 log = logging.getLogger("raychat")
 
 
@@ -18,6 +20,6 @@ def init_ray() -> None:
     """Connects to Ray: the cluster in ``RAY_ADDRESS`` if set (e.g. under `ray job submit`), else a local one."""
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
-    ray.init(address=address or None, log_to_driver=True)
+    address = ray_address()
+    ray.init(address=address, log_to_driver=True)
     log.info("connected to Ray %s (%s)", ray.__version__, address or "local")

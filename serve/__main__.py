@@ -10,11 +10,14 @@ from libs.config import ServeConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import ray
     from ray import serve
 
+    from libs.raycfg import ray_address
     from serve.app import build_app
 
     cfg = parse_config(ServeConfig, argv, prog="python -m serve")
+    ray.init(address=ray_address())
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg.model_dump()), name="raychat", route_prefix="/", blocking=True)
     return 0

@@ -33,3 +33,12 @@ def test_unknown_yaml_key_is_rejected(tmp_path):
     y.write_text("data: /d\noutput: /o\nepoch: 4\n")
     with pytest.raises(SystemExit):
         parse_config(TrainConfig, ["--config", str(y)])
+
+
+def test_ray_address_local_by_default_and_auto_for_a_dashboard_url():
+    from libs.raycfg import ray_address
+
+    assert ray_address({}) is None
+    assert ray_address({"RAY_ADDRESS": "10.0.0.1:6379"}) == "10.0.0.1:6379"
+    env = {"RAY_ADDRESS": "http://127.0.0.1:8265"}
+    assert ray_address(env) == "auto" and "RAY_ADDRESS" not in env
