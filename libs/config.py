@@ -8,11 +8,21 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from libs.storage import normalize
 from libs.templates import TEMPLATES
+
+# Fields that hold storage URIs: local ones are made absolute at validation time, because Ray
+# workers do not share the driver's working directory.
+_URI_FIELDS = ("input", "output", "tokenizer", "data", "base_model", "checkpoint", "workdir")
 
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    @field_validator(*_URI_FIELDS, mode="after", check_fields=False)
+    @classmethod
+    def _absolute_local_uris(cls, v: str | None) -> str | None:
+        return normalize(v) if v else v
 
 
 class PretokenizeConfig(_Config):

@@ -55,6 +55,14 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 
+def normalize(uri: str) -> str:
+    """Local paths and ``file://`` URIs become absolute paths (so every Ray worker, whatever its
+    working directory, sees the same place); ``s3://`` URIs are returned unchanged."""
+    if is_s3(uri):
+        return str(uri)
+    return resolve(uri)[1]
+
+
 def join(uri: str, *parts: str) -> str:
     """Joins path parts onto a URI, keeping its scheme."""
     return "/".join([str(uri).rstrip("/"), *(p.strip("/") for p in parts)])

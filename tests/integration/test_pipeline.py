@@ -17,10 +17,18 @@ def pipeline(ray_local, tmp_path_factory):
     from jobs.pipeline import run
     from libs.config import PipelineConfig
 
+    import os
+
     port = free_port()
-    cfg = PipelineConfig(workdir=str(tmp_path_factory.mktemp("runs")), run_id="it", sample_rows=64, epochs=2,
-                         micro_batch_size=8, port=port, keep_serving=True, max_tokens=8)
-    summary = run(cfg)
+    # A relative workdir, as a newcomer's `make demo` uses: Ray workers run elsewhere, so it must still work.
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    try:
+        cfg = PipelineConfig(workdir="runs", run_id="it", sample_rows=64, epochs=2,
+                             micro_batch_size=8, port=port, keep_serving=True, max_tokens=8)
+        summary = run(cfg)
+    finally:
+        os.chdir(cwd)
     yield summary
     from ray import serve
 

@@ -39,3 +39,14 @@ def test_s3_roundtrip_through_moto(s3_bucket, tmp_path):
 def test_missing_s3_directory_is_file_not_found(s3_bucket, tmp_path):
     with pytest.raises(FileNotFoundError):
         storage.local_or_download(f"s3://{s3_bucket}/absent", tmp_path)
+
+
+def test_config_makes_local_paths_absolute_and_keeps_s3(tmp_path, monkeypatch):
+    from libs.config import PipelineConfig, TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(data="tok", output="file://" + str(tmp_path / "out"), base_model="s3://b/m")
+    assert cfg.data == str(tmp_path / "tok")
+    assert cfg.output == str(tmp_path / "out")
+    assert cfg.base_model == "s3://b/m"
+    assert PipelineConfig(workdir="runs").workdir == str(tmp_path / "runs")
