@@ -16,7 +16,7 @@ from libs import storage
 from libs.cli import parse_config
 from libs.config import PipelineConfig, PretokenizeConfig, ServeConfig, TrainConfig
 from libs.report import format_table
-from libs.sample_data import sample_jsonl
+from libs.sample_data import SAMPLE_SOURCES, sample_jsonl
 
 
 def ask(base_url: str, model: str, question: str, max_tokens: int) -> dict:
@@ -56,7 +56,8 @@ def run(cfg: PipelineConfig) -> dict:
 
     stages: dict[str, float] = {}
     t = time.time()
-    pre = pretokenize.run(PretokenizeConfig(input=data_uri, output=storage.join(run_uri, "tokenized")))
+    sources = SAMPLE_SOURCES if cfg.input is None else {}
+    pre = pretokenize.run(PretokenizeConfig(input=data_uri, output=storage.join(run_uri, "tokenized"), sources=sources))
     stages["pretokenize"] = time.time() - t
     print(pretokenize.summary_table(pre), flush=True)
 
@@ -93,6 +94,8 @@ def summary_table(s: dict) -> str:
     rows = [
         ("rows read → written", f"{pre['read']} → {pre['written']}"),
         ("rows quarantined / dropped", f"{pre['quarantined']} / {pre['dropped']}"),
+        *[(f"rows of source {k}", v["rows"]) for k, v in pre["by_source"].items()],
+        *[(f"rows of condition {k!r}", v["rows"]) for k, v in pre["by_condition"].items()],
         ("tokens (supervised)", f"{pre['tokens']:,} ({pre['supervised_tokens']:,})"),
         ("train steps", tr["steps"]),
         ("loss first → last", f"{tr['loss_first']:.3f} → {tr['loss_last']:.3f}"),

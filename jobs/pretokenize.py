@@ -1,58 +1,160 @@
-"""Ray Data job: conversation JSONL → validated, templated, tokenized parquet shards.
+"""Ray Data job: conversation files → validated, cleaned, tokenized parquet shards.
 
-    python -m jobs.pretokenize --input data.jsonl --output runs/demo/tokenized
+    python -m jobs.pretokenize --input data/ --output runs/tokenized
+    python -m jobs.pretokenize --config jobs/configs/pretokenize-sharegpt.yaml --input s3://bucket/sharegpt/ --output s3://bucket/tok
 
-Writes ``<output>/*.parquet`` (one row per conversation, see :data:`libs.pretokenize.ROW_SCHEMA`),
-``<output>/_quarantine/*.jsonl`` (every rejected line with its file and reason),
-``<output>/_meta.json`` (template, tokenizer, max length) and ``<output>/_report.json``.
+Streams every input (JSONL or JSON arrays, local or s3://) through a pool of tokenizer actors
+and writes, under ``--output``: ``*.parquet`` (rows, schema metadata saying how they were made),
+``_quarantine/*.jsonl`` (every rejected record with file, index and reason), ``_meta.json`` and
+``_report.json`` (counts that reconcile: read = written + quarantined + dropped).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import sys
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
+from ray.data.datasource import FileBasedDatasource
 
 from jobs._ray import init_ray, log, setup_logging
 from libs import storage
 from libs.cli import parse_config
 from libs.config import PretokenizeConfig
-from libs.pretokenize import batch_key, merge_counts, process_lines
+from libs.formats import SourceRules, SourceSpec
+from libs.pretokenize import (
+    METADATA_KEY,
+    RECORD_SCHEMA,
+    ROW_SCHEMA,
+    RowPolicy,
+    Stats,
+    StrictModeError,
+    batch_key,
+    process_records,
+)
 from libs.report import format_table
 
 QUARANTINE_DIR = "_quarantine"
-STATS_DIR = "_stats"
+RECORDS_PER_BLOCK = 2048
+READ_CPUS = 0.1
+
+
+class ConversationFiles(FileBasedDatasource):
+    """Ray Data source: each file streamed into raw records (:data:`RECORD_SCHEMA`), never loaded whole."""
+
+    def __init__(self, paths: list[str], filesystem: pafs.FileSystem):
+        super().__init__(paths, filesystem=filesystem)
+        self._s3 = isinstance(filesystem, pafs.S3FileSystem)
+
+    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        from libs.readers import iter_records
+
+        file = f"s3://{path}" if self._s3 else path
+        cols: dict[str, list] = {name: [] for name in RECORD_SCHEMA.names}
+        for rec in iter_records(f):
+            cols["file"].append(file)
+            cols["index"].append(rec.index)
+            cols["text"].append(rec.text)
+            cols["error"].append(rec.error)
+            cols["detail"].append(rec.detail)
+            if len(cols["text"]) >= RECORDS_PER_BLOCK:
+                yield pa.table(cols, schema=RECORD_SCHEMA)
+                cols = {name: [] for name in RECORD_SCHEMA.names}
+        if cols["text"]:
+            yield pa.table(cols, schema=RECORD_SCHEMA)
+
+
+@ray.remote(num_cpus=0)
+class Ledger:
+    """Job-wide state shared by the tokenizer actors: duplicate claims and per-batch counts.
+
+    Both are keyed so that a retried batch neither drops its own rows as duplicates nor counts twice.
+    """
+
+    def __init__(self):
+        self._owner: dict[bytes, int] = {}
+        self._stats: dict[str, dict] = {}
+
+    def claim(self, hashes: list[bytes], owners: list[str]) -> list[bool]:
+        out = []
+        for h, o in zip(hashes, owners):
+            key = int.from_bytes(hashlib.blake2b(o.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+            out.append(self._owner.setdefault(h, key) == key)
+        return out
+
+    def record(self, key: str, stats: dict) -> None:
+        self._stats[key] = stats
+
+    def summary(self) -> dict:
+        return Stats.merge(list(self._stats.values()))
 
 
 class TokenizeBatch:
-    """Ray Data actor: holds one tokenizer, turns a batch of lines into rows, writes side files."""
+    """Ray Data actor: one tokenizer; turns a batch of raw records into rows and quarantine files."""
 
-    def __init__(self, cfg: dict, output: str):
+    def __init__(self, cfg: dict, ledger, schema_metadata: bytes):
         from libs.templates import get_template
         from libs.tokenization import ConversationTokenizer, load_tokenizer
 
         c = PretokenizeConfig.model_validate(cfg)
         local = storage.local_or_download(c.tokenizer, "/tmp/raychat/tokenizers") if c.tokenizer else None
-        self.ct = ConversationTokenizer(load_tokenizer(local), get_template(c.template), c.max_length)
-        self.output = output
+        template = get_template(c.template)
+        self.ct = ConversationTokenizer(load_tokenizer(local), template, c.max_length)
+        self.policy = RowPolicy(rules=source_rules(c, template.default_condition), fmt=c.format,
+                                same_role=c.same_role, dedupe=c.dedupe, strict=c.strict)
+        self.output = c.output
+        self.ledger = ledger
+        self.schema = ROW_SCHEMA.with_metadata({METADATA_KEY: schema_metadata})
 
-    def __call__(self, batch: dict[str, np.ndarray]):
-        lines = [str(x) for x in batch["text"]]
-        sources = [str(x) for x in batch["path"]]
-        res = process_lines(lines, sources, self.ct)
-        key = batch_key(lines, sources)
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        files, indices = batch["file"].tolist(), batch["index"].tolist()
+        claim = (lambda h, o: ray.get(self.ledger.claim.remote(h, o))) if self.policy.dedupe else None
+        res = process_records(files, indices, batch["text"].tolist(), batch["error"].tolist(), batch["detail"].tolist(),
+                              self.ct, self.policy, claim, self.schema)
+        key = batch_key(files, indices)
         if res.quarantined:
             storage.write_text(
                 storage.join(self.output, QUARANTINE_DIR, f"{key}.jsonl"),
                 "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in res.quarantined),
             )
-        storage.write_text(storage.join(self.output, STATS_DIR, f"{key}.json"), json.dumps(res.counts()))
+        self.ledger.record.remote(key, res.stats.to_dict())
         return res.table
+
+
+def source_rules(cfg: PretokenizeConfig, default_condition: str) -> SourceRules:
+    return SourceRules(
+        sources={k: SourceSpec(v.condition, v.weight) for k, v in cfg.sources.items()},
+        source_field=cfg.source_field,
+        file_sources=tuple(cfg.file_sources.items()),
+        default_source=cfg.default_source,
+        fallback=SourceSpec(default_condition, 1.0),
+    )
+
+
+def data_metadata(cfg: PretokenizeConfig) -> dict:
+    """How the rows are made; training refuses data whose metadata does not match its model."""
+    from libs.templates import get_template
+    from libs.tokenization import ConversationTokenizer, load_tokenizer, tokenizer_fingerprint
+
+    local = storage.local_or_download(cfg.tokenizer, "/tmp/raychat/tokenizers") if cfg.tokenizer else None
+    tok = load_tokenizer(local)
+    ct = ConversationTokenizer(tok, get_template(cfg.template), cfg.max_length)  # fails fast on a bad pairing
+    return {
+        "template": cfg.template,
+        "tokenizer": cfg.tokenizer or "embedded",
+        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+        "vocab_size": len(tok),
+        "max_length": ct.max_length,
+        "eot_id": ct.eot_id,
+    }
 
 
 def _prepare_output(uri: str) -> None:
@@ -60,9 +162,13 @@ def _prepare_output(uri: str) -> None:
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         raise SystemExit(f"--output {uri} is a file; give a directory")
-    if info.type == pafs.FileType.Directory:
-        if fs.get_file_info(pafs.FileSelector(path, recursive=False)):
-            raise SystemExit(f"--output {uri} is not empty; choose a new directory (nothing is overwritten)")
+    if info.type == pafs.FileType.Directory and fs.get_file_info(pafs.FileSelector(path, recursive=False)):
+        raise SystemExit(f"--output {uri} is not empty; choose a new directory (nothing is overwritten)")
+
+
+def _strict_message(err: BaseException) -> str | None:
+    m = re.search(r"StrictModeError: (.+)", str(err))
+    return m.group(1).strip() if m else None
 
 
 def run(cfg: PretokenizeConfig) -> dict:
@@ -70,47 +176,60 @@ def run(cfg: PretokenizeConfig) -> dict:
     init_ray()
     _prepare_output(cfg.output)
     t0 = time.time()
-    in_fs, in_path = storage.resolve(cfg.input)
-    if in_fs.get_file_info(in_path).type == pafs.FileType.NotFound:
-        raise SystemExit(f"--input {cfg.input}: not found")
+    try:
+        in_fs, files = storage.expand_inputs(cfg.input)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--input: {e}") from None
+    meta = data_metadata(cfg)
+    log.info("%d input file(s), template %s, max length %d", len(files), cfg.template, meta["max_length"])
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    actors = cfg.num_actors or max(1, cpus)
+    if actors > cpus:
+        log.warning("--num-actors %d > %d CPUs in the cluster: the extra actors wait for CPUs to join", actors, cpus)
+    ledger = Ledger.remote()
     out_fs, out_path = storage.resolve(cfg.output)
-    ds = ray.data.read_text(in_path, filesystem=in_fs, include_paths=True, file_extensions=None)
-    rows = ds.map_batches(
+    # Reading is light (scanning JSON); a small CPU reservation keeps read tasks schedulable while
+    # the tokenizer actors hold a CPU each — with whole CPUs the reads would wait on the actors forever.
+    records = ray.data.read_datasource(
+        ConversationFiles(files, in_fs), ray_remote_args={"num_cpus": READ_CPUS}, concurrency=max(1, cpus)
+    )
+    rows = records.map_batches(
         TokenizeBatch,
-        fn_constructor_kwargs={"cfg": cfg.model_dump(), "output": cfg.output},
+        fn_constructor_kwargs={"cfg": cfg.model_dump(), "ledger": ledger, "schema_metadata": json.dumps(meta).encode()},
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=1 - READ_CPUS,
     )
-    rows.write_parquet(out_path, filesystem=out_fs)
+    try:
+        rows.write_parquet(out_path, filesystem=out_fs, min_rows_per_file=cfg.rows_per_file)
+    except Exception as e:  # noqa: BLE001 - surface --strict's message instead of a Ray traceback
+        msg = _strict_message(e)
+        if msg:
+            raise SystemExit(f"--strict: bad row: {msg}") from None
+        raise
 
-    stats = [json.loads(storage.read_text(_uri_like(cfg.output, p))) for p in storage.list_files(storage.join(cfg.output, STATS_DIR), ".json")]
-    report = merge_counts(stats)
+    report = ray.get(ledger.summary.remote())
+    parquet_files = storage.list_files(cfg.output, ".parquet")
+    on_disk = sum(pq.read_metadata(p, filesystem=out_fs).num_rows for p in parquet_files)
     report.update(
-        input=cfg.input,
+        input=[storage.display_uri(in_fs, f) for f in files],
         output=cfg.output,
+        parquet_files=len(parquet_files),
         quarantine=storage.join(cfg.output, QUARANTINE_DIR),
-        template=cfg.template,
-        tokenizer=cfg.tokenizer or "embedded",
-        max_length=cfg.max_length,
+        metadata=meta,
         wall_time_s=round(time.time() - t0, 2),
     )
-    if report["read"] != report["written"] + report["quarantined"] + report["dropped"]:
-        raise RuntimeError(f"row accounting does not reconcile: {report}")
-    meta = {k: report[k] for k in ("template", "tokenizer", "max_length")}
+    if report["read"] != report["written"] + report["quarantined"] + report["dropped"] or on_disk != report["written"]:
+        raise RuntimeError(f"row accounting does not reconcile ({on_disk} rows on disk): {report}")
     storage.write_text(storage.join(cfg.output, "_meta.json"), json.dumps(meta, indent=2))
     storage.write_text(storage.join(cfg.output, "_report.json"), json.dumps(report, indent=2))
     return report
 
 
-def _uri_like(base_uri: str, fs_path: str) -> str:
-    """Turns a filesystem path from :func:`storage.list_files` back into a URI of ``base_uri``'s kind."""
-    return f"s3://{fs_path}" if storage.is_s3(base_uri) else fs_path
-
-
 def summary_table(report: dict) -> str:
     rows = [
+        ("input files", len(report["input"])),
         ("rows read", report["read"]),
         ("rows written", report["written"]),
         ("rows quarantined", report["quarantined"]),
@@ -120,6 +239,9 @@ def summary_table(report: dict) -> str:
         ("rows truncated", report["truncated"]),
         ("tokens", report["tokens"]),
         ("supervised tokens", report["supervised_tokens"]),
+        *[(f"source {k}: rows / tokens", f"{v['rows']:,} / {v['tokens']:,}") for k, v in report["by_source"].items()],
+        *[(f"condition {k!r}: rows", v["rows"]) for k, v in report["by_condition"].items()],
+        ("parquet files", report["parquet_files"]),
         ("wall time (s)", report["wall_time_s"]),
         ("output", report["output"]),
     ]
@@ -132,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = run(cfg)
     print(summary_table(report))
     if report["quarantined"]:
-        print(f"quarantined rows (original record + reason): {report['quarantine']}")
+        print(f"quarantined rows (original record, file, index, reason): {report['quarantine']}")
     return 0
 
 

@@ -27,6 +27,13 @@ def _is_bool(annotation) -> bool:
     return typing.get_origin(annotation) in (typing.Union, types.UnionType) and bool in args
 
 
+def _is_structured(annotation) -> bool:
+    """True for dict-typed fields (and list-only ones); ``str | list[str]`` stays a plain string."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = {typing.get_origin(a) or a for a in (typing.get_args(annotation) if union else (annotation,))}
+    return dict in kinds or (list in kinds and str not in kinds)
+
+
 def build_parser(model: type[BaseModel], prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser whose flags mirror ``model``'s fields."""
     parser = argparse.ArgumentParser(prog=prog, description=description or (model.__doc__ or "").strip().split("\n")[0])
@@ -65,7 +72,13 @@ def parse_config(model: type[M], argv: Sequence[str] | None = None, prog: str | 
         if unknown:
             parser.error(f"{ns.config}: unknown option(s) {unknown}; known: {sorted(model.model_fields)}")
         values.update(loaded)
-    values.update({k: v for k, v in vars(ns).items() if k != "config" and v is not None})
+    for k, v in vars(ns).items():
+        if k == "config" or v is None:
+            continue
+        if _is_structured(model.model_fields[k].annotation):
+            # Mappings and lists on the command line are YAML (so JSON works too): --sources '{a: {...}}'
+            v = yaml.safe_load(v)
+        values[k] = v
     try:
         return model.model_validate(values)
     except ValidationError as e:

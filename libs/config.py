@@ -6,14 +6,16 @@ and the README all derive from them.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from libs.storage import normalize
 from libs.templates import TEMPLATES
 
 # Fields that hold storage URIs: local ones are made absolute at validation time, because Ray
 # workers do not share the driver's working directory.
-_URI_FIELDS = ("input", "output", "tokenizer", "data", "base_model", "checkpoint", "workdir")
+_URI_FIELDS = ("output", "tokenizer", "data", "base_model", "checkpoint", "workdir")
 
 
 class _Config(BaseModel):
@@ -25,19 +27,48 @@ class _Config(BaseModel):
         return normalize(v) if v else v
 
 
-class PretokenizeConfig(_Config):
-    """Pre-tokenize conversation JSONL into parquet rows with C-RLFT weights."""
+class SourceConfig(_Config):
+    """One C-RLFT data source."""
 
-    input: str = Field(description="Conversation JSONL: a file or directory; local path, file:// or s3:// URI.")
-    output: str = Field(description="Output directory for parquet shards (local path, file:// or s3://).")
+    condition: str = Field(description="Role-prefix condition of this source's rows, e.g. 'GPT4 Correct' or 'GPT3'.")
+    weight: float = Field(ge=0, description="Reward weight of this source's assistant tokens, e.g. 1.0 (expert) or 0.1.")
+
+
+class PretokenizeConfig(_Config):
+    """Pre-tokenize conversations into parquet rows with C-RLFT weights."""
+
+    input: str | list[str] = Field(
+        description="Conversation files: paths, directories, globs (*.jsonl) or s3:// prefixes; JSONL or JSON arrays."
+    )
+    output: str = Field(description="Output directory for parquet shards (local path, file:// or s3://); must be new or empty.")
     tokenizer: str | None = Field(
         default=None,
         description="HF tokenizer/model directory (local or s3://); unset = embedded Mistral-7B v0.1 + OpenChat tokens.",
     )
     template: str = Field(default="openchat_3.5", description=f"Chat template, one of {sorted(TEMPLATES)}.")
-    max_length: int = Field(default=2048, gt=8, description="Truncate conversations to this many tokens.")
-    batch_size: int = Field(default=256, gt=0, description="Rows per tokenizer batch (Ray Data map_batches).")
-    num_actors: int = Field(default=1, gt=0, description="Tokenizer actors (each holds one tokenizer).")
+    max_length: int | None = Field(default=None, gt=8, description="Truncate conversations to this many tokens; unset = the template's context (8192 for openchat_3.5).")
+    format: Literal["auto", "openchat", "openai", "sharegpt"] = Field(
+        default="auto", description="Row format: auto-detect per row (items / messages / conversations key) or force one."
+    )
+    sources: dict[str, SourceConfig] = Field(
+        default_factory=dict,
+        description="C-RLFT sources: name -> {condition, weight}, e.g. {gpt4: {condition: GPT4 Correct, weight: 1.0}}.",
+    )
+    source_field: str | None = Field(default="model", description="Row field that names a row's source (unset = none).")
+    file_sources: dict[str, str] = Field(
+        default_factory=dict, description="Glob pattern on the file path -> source name, for rows whose field names none."
+    )
+    default_source: str | None = Field(
+        default=None, description="Source of rows with no source field or file match; unset = the template's condition, weight 1.0."
+    )
+    same_role: Literal["merge", "quarantine"] = Field(
+        default="merge", description="Consecutive turns of one role: merge them (blank line between) or quarantine the row."
+    )
+    dedupe: bool = Field(default=True, description="Drop exact duplicate conversations (same system, roles and contents).")
+    strict: bool = Field(default=False, description="Fail on the first bad row (naming file, record index and reason) instead of quarantining.")
+    batch_size: int = Field(default=512, gt=0, description="Rows per tokenizer batch (Ray Data map_batches).")
+    num_actors: int | None = Field(default=None, gt=0, description="Tokenizer actors (one tokenizer each); unset = the cluster's CPUs.")
+    rows_per_file: int = Field(default=100_000, gt=0, description="Target rows per parquet shard.")
 
     @field_validator("template")
     @classmethod
@@ -45,6 +76,25 @@ class PretokenizeConfig(_Config):
         if v not in TEMPLATES:
             raise ValueError(f"unknown template {v!r}; known: {sorted(TEMPLATES)}")
         return v
+
+    @field_validator("input", mode="after")
+    @classmethod
+    def _inputs(cls, v: str | list[str]) -> list[str]:
+        items = [v] if isinstance(v, str) else list(v)
+        if not items:
+            raise ValueError("at least one input is needed")
+        # Globs are kept as written (made absolute when local); they are expanded by the job.
+        return [normalize(x) for x in items]
+
+    @model_validator(mode="after")
+    def _sources_known(self):
+        names = set(self.sources)
+        for ref in [self.default_source, *self.file_sources.values()]:
+            if ref is not None and names and ref not in names:
+                raise ValueError(f"source {ref!r} is not one of sources {sorted(names)}")
+        if self.default_source and not names:
+            raise ValueError("default_source needs sources to be configured")
+        return self
 
 
 class TrainConfig(_Config):

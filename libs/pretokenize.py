@@ -1,26 +1,37 @@
-"""Row-level logic of the data stage: JSONL lines in, training rows / quarantine records out.
+"""Row-level logic of the data stage: raw records in, training rows / quarantine records out.
 
-Every line ends in exactly one of three places — a written row, a quarantine record
-(the original line, its file, and a reason), or a documented drop counted by reason — so
-``read = written + quarantined + dropped`` always holds.
+Every record read ends in exactly one of three places — a written row, a quarantine record
+(the original text, its file and index, and a reason), or a documented drop counted by
+reason (``duplicate``, ``no_supervised_tokens``) — so ``read = written + quarantined +
+dropped`` holds for every batch and therefore for the job.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections import Counter
+import json
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import pyarrow as pa
 
-from libs.schema import DroppedRow, InvalidRow, parse_conversation
+from libs.formats import Format, SameRolePolicy, SourceRules, content_hash, normalize
+from libs.schema import Conversation, DroppedRow, InvalidRow
 from libs.tokenization import ConversationTokenizer
 
+#: What the reader hands over: one raw record per row.
+RECORD_SCHEMA = pa.schema(
+    [("file", pa.string()), ("index", pa.int64()), ("text", pa.string()), ("error", pa.string()), ("detail", pa.string())]
+)
+
+#: What training reads. ``weights[t]`` weighs predicting ``input_ids[t]`` (unshifted).
 ROW_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
         ("source", pa.string()),
         ("condition", pa.string()),
+        ("file", pa.string()),
+        ("index", pa.int64()),
         ("input_ids", pa.list_(pa.int32())),
         ("weights", pa.list_(pa.float32())),
         ("length", pa.int32()),
@@ -28,96 +39,170 @@ ROW_SCHEMA = pa.schema(
     ]
 )
 
+#: Key of the parquet schema metadata entry describing how rows were made.
+METADATA_KEY = b"raychat"
+
+#: ``claim(hashes, owners) -> is_first``: exact-duplicate detection shared by all workers.
+ClaimFn = Callable[[list[bytes], list[str]], list[bool]]
+
+
+class StrictModeError(ValueError):
+    """Raised by ``--strict`` on the first bad row; the message names file, index and reason."""
+
 
 @dataclass
-class BatchResult:
-    """What one batch of lines became."""
+class Stats:
+    """Mergeable counters of a batch or a whole job."""
 
-    table: pa.Table
-    quarantined: list[dict] = field(default_factory=list)
-    dropped: Counter = field(default_factory=Counter)
     read: int = 0
+    written: int = 0
+    quarantined: Counter = field(default_factory=Counter)
+    dropped: Counter = field(default_factory=Counter)
     truncated: int = 0
     tokens: int = 0
     supervised_tokens: int = 0
+    by_source: dict = field(default_factory=lambda: defaultdict(Counter))
+    by_condition: dict = field(default_factory=lambda: defaultdict(Counter))
 
-    def counts(self) -> dict:
+    def to_dict(self) -> dict:
         return {
             "read": self.read,
-            "written": self.table.num_rows,
-            "quarantined": len(self.quarantined),
-            "quarantined_by_reason": dict(Counter(q["reason"] for q in self.quarantined)),
+            "written": self.written,
+            "quarantined": sum(self.quarantined.values()),
+            "quarantined_by_reason": dict(self.quarantined),
+            "dropped": sum(self.dropped.values()),
             "dropped_by_reason": dict(self.dropped),
             "truncated": self.truncated,
             "tokens": self.tokens,
             "supervised_tokens": self.supervised_tokens,
+            "by_source": {k: dict(v) for k, v in sorted(self.by_source.items())},
+            "by_condition": {k: dict(v) for k, v in sorted(self.by_condition.items())},
         }
 
+    @classmethod
+    def merge(cls, parts: Sequence[dict]) -> dict:
+        """Sums :meth:`to_dict` outputs into one report dict."""
+        total = cls()
+        for p in parts:
+            total.read += p["read"]
+            total.written += p["written"]
+            total.quarantined.update(p["quarantined_by_reason"])
+            total.dropped.update(p["dropped_by_reason"])
+            total.truncated += p["truncated"]
+            total.tokens += p["tokens"]
+            total.supervised_tokens += p["supervised_tokens"]
+            for k, v in p["by_source"].items():
+                total.by_source[k].update(v)
+            for k, v in p["by_condition"].items():
+                total.by_condition[k].update(v)
+        return total.to_dict()
 
-def batch_key(lines: list[str], sources: list[str]) -> str:
-    """A deterministic name for a batch's side files, so a retried task overwrites, not duplicates."""
-    h = hashlib.sha1()
-    for s, line in zip(sources, lines):
-        h.update(s.encode())
-        h.update(b"\0")
-        h.update(line.encode("utf-8", "surrogatepass"))
-        h.update(b"\n")
-    return h.hexdigest()[:20]
+
+@dataclass
+class BatchResult:
+    """What one batch of records became."""
+
+    table: pa.Table
+    quarantined: list[dict]
+    stats: Stats
 
 
-def process_lines(lines: list[str], sources: list[str], ct: ConversationTokenizer) -> BatchResult:
-    """Validates and tokenizes a batch of JSONL lines (one batched tokenizer call)."""
-    res = BatchResult(table=ROW_SCHEMA.empty_table(), read=len(lines))
-    convs, kept = [], []
-    for line, src in zip(lines, sources):
-        try:
-            conv = parse_conversation(line)
-        except InvalidRow as e:
-            res.quarantined.append({"source": src, "reason": e.reason, "detail": e.detail, "record": line})
+@dataclass(frozen=True)
+class RowPolicy:
+    """How rows are interpreted and cleaned (see :mod:`libs.formats`)."""
+
+    rules: SourceRules
+    fmt: Format = "auto"
+    same_role: SameRolePolicy = "merge"
+    dedupe: bool = True
+    strict: bool = False
+
+
+def _row_id(obj: object, file: str, index: int) -> str:
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    return str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else f"{file}:{index}"
+
+
+def process_records(
+    files: Sequence[str],
+    indices: Sequence[int],
+    texts: Sequence[str],
+    errors: Sequence[str | None],
+    details: Sequence[str | None],
+    ct: ConversationTokenizer,
+    policy: RowPolicy,
+    claim: ClaimFn | None = None,
+    schema: pa.Schema = ROW_SCHEMA,
+) -> BatchResult:
+    """Validates, cleans, de-duplicates and tokenizes a batch of raw records.
+
+    Args:
+        files, indices, texts, errors, details: the columns of :data:`RECORD_SCHEMA`.
+        ct: tokenizer + template.
+        policy: format, cleaning and source rules.
+        claim: duplicate detector; None disables de-duplication.
+        schema: output schema (:data:`ROW_SCHEMA`, possibly with metadata attached).
+
+    Raises:
+        StrictModeError: with ``policy.strict``, on the first record that would be quarantined.
+    """
+    stats = Stats(read=len(texts))
+    quarantined: list[dict] = []
+
+    def reject(i: int, reason: str, detail: str) -> None:
+        if policy.strict:
+            raise StrictModeError(f"{files[i]} record {indices[i]}: {reason}: {detail}")
+        stats.quarantined[reason] += 1
+        quarantined.append({"file": files[i], "index": int(indices[i]), "reason": reason, "detail": detail, "record": texts[i]})
+
+    kept: list[tuple[int, Conversation, str, str]] = []  # (position, conversation, source, id)
+    for i, text in enumerate(texts):
+        if errors[i]:
+            reject(i, errors[i], details[i] or errors[i])
             continue
-        convs.append(conv)
-        kept.append((line, src))
-    encoded = ct.encode_segments([ct.conversation_segments(c) for c in convs])
+        try:
+            obj = json.loads(text)
+            conv, source = normalize(obj, files[i], policy.rules, policy.fmt, policy.same_role)
+        except json.JSONDecodeError as e:
+            reject(i, "bad_json", str(e))
+            continue
+        except InvalidRow as e:
+            reject(i, e.reason, e.detail)
+            continue
+        kept.append((i, conv, source, _row_id(obj, files[i], indices[i])))
+
+    if policy.dedupe and claim is not None and kept:
+        first = claim([content_hash(c) for _, c, _, _ in kept], [f"{files[i]}:{indices[i]}" for i, _, _, _ in kept])
+        stats.dropped["duplicate"] += sum(1 for f in first if not f)
+        kept = [k for k, f in zip(kept, first) if f]
+
+    encoded = ct.encode_segments([ct.conversation_segments(c) for _, c, _, _ in kept])
     cols: dict[str, list] = {name: [] for name in ROW_SCHEMA.names}
-    for conv, (line, src), (ids, weights) in zip(convs, kept, encoded):
+    for (i, conv, source, rid), (ids, weights) in zip(kept, encoded):
         try:
             tc = ct.finalize(ids, weights)
         except DroppedRow as e:
-            res.dropped[e.reason] += 1
+            stats.dropped[e.reason] += 1
             continue
-        raw_id = _row_id(line)
-        cols["id"].append(raw_id if raw_id is not None else f"{src}#{batch_key([line], [src])}")
-        cols["source"].append(src)
-        cols["condition"].append(conv.condition)
-        cols["input_ids"].append(tc.input_ids)
-        cols["weights"].append(tc.weights)
-        cols["length"].append(len(tc.input_ids))
-        cols["total_weight"].append(tc.total_weight)
-        res.truncated += tc.truncated
-        res.tokens += len(tc.input_ids)
-        res.supervised_tokens += sum(1 for w in tc.weights if w > 0)
-    res.table = pa.table(cols, schema=ROW_SCHEMA)
-    return res
+        supervised = len(tc.weights) - tc.weights.count(0.0)
+        for name, value in (("id", rid), ("source", source), ("condition", conv.condition), ("file", files[i]),
+                            ("index", int(indices[i])), ("input_ids", tc.input_ids), ("weights", tc.weights),
+                            ("length", len(tc.input_ids)), ("total_weight", tc.total_weight)):
+            cols[name].append(value)
+        stats.written += 1
+        stats.truncated += tc.truncated
+        stats.tokens += len(tc.input_ids)
+        stats.supervised_tokens += supervised
+        for bucket in (stats.by_source[source], stats.by_condition[conv.condition]):
+            bucket.update(rows=1, tokens=len(tc.input_ids), supervised_tokens=supervised)
+    return BatchResult(pa.table(cols, schema=schema), quarantined, stats)
 
 
-def _row_id(line: str) -> str | None:
-    import json
+def batch_key(files: Sequence[str], indices: Sequence[int]) -> str:
+    """A deterministic name for a batch's side files, so a retried task overwrites, not duplicates."""
+    import hashlib
 
-    obj = json.loads(line)
-    rid = obj.get("id")
-    return str(rid) if rid is not None else None
-
-
-def merge_counts(parts: list[dict]) -> dict:
-    """Sums per-batch :meth:`BatchResult.counts` into a job report."""
-    total: dict = {"read": 0, "written": 0, "quarantined": 0, "truncated": 0, "tokens": 0, "supervised_tokens": 0}
-    by_q, by_d = Counter(), Counter()
-    for p in parts:
-        for k in total:
-            total[k] += p[k]
-        by_q.update(p["quarantined_by_reason"])
-        by_d.update(p["dropped_by_reason"])
-    total["quarantined_by_reason"] = dict(by_q)
-    total["dropped_by_reason"] = dict(by_d)
-    total["dropped"] = sum(by_d.values())
-    return total
+    h = hashlib.sha1()
+    for f, i in zip(files, indices):
+        h.update(f"{f}\0{i}\n".encode("utf-8", "surrogatepass"))
+    return h.hexdigest()[:20]

@@ -47,11 +47,22 @@ def _qa(rng: random.Random) -> tuple[str, str, str]:
     )
 
 
+#: The C-RLFT sources of the sample data, as ``jobs.pretokenize --sources`` takes them.
+SAMPLE_SOURCES = {
+    "gpt4": {"condition": EXPERT[0], "weight": EXPERT[1]},
+    "gpt35": {"condition": SUBOPTIMAL[0], "weight": SUBOPTIMAL[1]},
+}
+
+
 def make_conversations(n: int, seed: int = 0, expert_fraction: float = 0.5) -> list[dict]:
-    """``n`` conversations in the OpenChat schema, mixing both sources."""
+    """``n`` distinct conversations in the OpenChat schema, mixing both sources (``model`` field)."""
     rng = random.Random(seed)
-    rows = []
-    for i in range(n):
+    rows: list[dict] = []
+    seen: set[str] = set()
+    for _ in range(50 * n):  # bounded: the question space is far larger than any sample size
+        if len(rows) == n:
+            break
+        i = len(rows)
         question, good, poor = _qa(rng)
         expert = rng.random() < expert_fraction
         condition, weight = EXPERT if expert else SUBOPTIMAL
@@ -66,7 +77,14 @@ def make_conversations(n: int, seed: int = 0, expert_fraction: float = 0.5) -> l
                 {"role": "assistant", "content": g2 if expert else p2, "weight": weight},
             ]
         system = "You are a helpful assistant." if i % 4 == 0 else ""
-        rows.append({"id": f"sample-{i}", "items": items, "condition": condition, "system": system})
+        key = json.dumps([system, items])
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append({"id": f"sample-{i}", "model": "gpt4" if expert else "gpt35", "items": items,
+                     "condition": condition, "system": system})
+    if len(rows) < n:
+        raise ValueError(f"could not make {n} distinct sample conversations")
     return rows
 
 

@@ -1,22 +1,20 @@
-"""The conversation schema raychat trains on (OpenChat's), and row validation.
+"""The canonical conversation raychat trains on (OpenChat's schema) and the row outcomes.
 
-A row is one JSON object per line::
+Every input format is normalised into :class:`Conversation` by :mod:`libs.formats`::
 
     {"items": [{"role": "user", "content": "...", "weight": 0.0},
                {"role": "assistant", "content": "...", "weight": 1.0}],
      "condition": "GPT4 Correct", "system": ""}
 
-Validation never raises anything but :class:`InvalidRow`, whose ``reason`` is a short,
-stable, machine-countable slug (``bad_json``, ``unknown_role``...) and whose ``detail``
-is the human explanation. The data job quarantines such rows with both.
+A row that cannot be used raises :class:`InvalidRow` (it is quarantined) or :class:`DroppedRow`
+(a documented rule leaves it out); both carry a short, countable ``reason`` slug and a ``detail``.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class InvalidRow(ValueError):
@@ -75,36 +73,3 @@ class Conversation(BaseModel):
         if not any(m.role == "assistant" for m in v):
             raise ValueError("no assistant turn to learn from")
         return v
-
-
-def _reason_from_validation(err: ValidationError) -> tuple[str, str]:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"]
-    if first["type"] == "literal_error" and loc.endswith("role"):
-        return "unknown_role", f"{loc}: {msg} (got {first.get('input')!r})"
-    if "empty or whitespace" in msg:
-        return "empty_content", f"{loc}: {msg}"
-    if "no assistant turn" in msg:
-        return "no_assistant_turn", msg
-    if first["type"] == "missing":
-        return "missing_field", f"{loc}: field required"
-    return "invalid_field", f"{loc}: {msg}"
-
-
-def parse_conversation(line: str | bytes) -> Conversation:
-    """Parses and validates one JSONL line.
-
-    Raises:
-        InvalidRow: with a countable ``reason`` when the line is not a valid conversation.
-    """
-    try:
-        obj = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidRow("bad_json", str(e)) from None
-    if not isinstance(obj, dict):
-        raise InvalidRow("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
-    try:
-        return Conversation.model_validate(obj)
-    except ValidationError as e:
-        raise InvalidRow(*_reason_from_validation(e)) from None

@@ -135,3 +135,78 @@ def local_or_download(uri: str, cache_root: str | os.PathLike) -> Path:
 
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+DATA_EXTENSIONS = (".jsonl", ".json", ".ndjson")
+_GLOB_CHARS = "*?["
+
+
+def glob_regex(pattern: str):
+    """Compiles a path glob: ``*`` and ``?`` stay within one path segment, ``**`` crosses segments."""
+    import re
+
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif c == "*":
+            out.append("[^/]*")
+            i += 1
+        elif c == "?":
+            out.append("[^/]")
+            i += 1
+        elif c == "[" and "]" in pattern[i + 1:]:
+            j = pattern.index("]", i + 1)
+            out.append("[" + pattern[i + 1:j].replace("\\", "\\\\") + "]")
+            i = j + 1
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return re.compile("".join(out))
+
+
+def expand_inputs(uris: list[str], extensions: tuple[str, ...] = DATA_EXTENSIONS) -> tuple[pafs.FileSystem, list[str]]:
+    """Expands files, directories (recursively, by extension) and globs into one filesystem's file paths.
+
+    Raises:
+        FileNotFoundError: for an input that does not exist or a glob / directory that matches no file.
+        ValueError: when inputs mix local and s3 storage.
+    """
+    if len({is_s3(u) for u in uris}) > 1:
+        raise ValueError(f"inputs mix local and s3:// storage: {uris}")
+    fs, out = None, []
+    for uri in uris:
+        fs, path = resolve(uri)
+        if any(c in path for c in _GLOB_CHARS):
+            first = min(path.index(c) for c in _GLOB_CHARS if c in path)
+            base = path[:first].rsplit("/", 1)[0]
+            infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+            rx = glob_regex(path)
+            found = sorted(i.path for i in infos if i.type == pafs.FileType.File and rx.fullmatch(i.path))
+        else:
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.NotFound:
+                raise FileNotFoundError(f"input {uri}: not found")
+            if info.type == pafs.FileType.File:
+                found = [path]
+            else:
+                infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                found = sorted(
+                    i.path for i in infos
+                    if i.type == pafs.FileType.File and i.path.endswith(extensions)
+                    and not any(part.startswith(("_", ".")) for part in i.path[len(path):].split("/"))
+                )
+        if not found:
+            raise FileNotFoundError(f"input {uri}: matched no {'/'.join(extensions)} files")
+        out += found
+    return fs, list(dict.fromkeys(out))
+
+
+def display_uri(fs: pafs.FileSystem, path: str) -> str:
+    """A path from ``fs`` written as the user would (``s3://`` prefix for S3)."""
+    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path

@@ -34,29 +34,34 @@ class Segment:
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """A conversation format.
+    """A conversation format, as data (the data stage and serving share it).
 
     Attributes:
-        name: registry key, recorded in data metadata.
-        user_role: the word after the condition in a user prefix ("User").
-        assistant_role: the word after the condition in an assistant prefix ("Assistant").
-        eot_token: the end-of-turn control token; generation stops on it.
-        default_condition: condition used when a row or request names none.
+        name: registry key, recorded in the data's metadata.
+        prefix: role prefix format with ``{condition}`` and ``{role}``; tokenized on its own with
+            special tokens recognised (ChatML's ``<|im_start|>`` is a control token there).
+        role_names: what ``{role}`` becomes for ``user`` / ``assistant``.
+        strip_prefix: strip the formatted prefix (so an empty condition gives ``"User:"``).
+        eot_token: end-of-turn text (tokenized with special tokens recognised); generation stops on it.
+        default_condition: condition used when serving and for rows with no source.
         add_bos: whether sequences start with the tokenizer's BOS token.
+        max_context: the model family's context length, the default truncation length.
     """
 
     name: str
-    user_role: str = "User"
-    assistant_role: str = "Assistant"
+    prefix: str = "{condition} {role}:"
+    role_names: tuple[tuple[str, str], ...] = (("user", "User"), ("assistant", "Assistant"))
+    strip_prefix: bool = True
     eot_token: str = "<|end_of_turn|>"
     default_condition: str = "GPT4 Correct"
     add_bos: bool = True
+    max_context: int = 8192
 
     def role_prefix(self, role: str, condition: str | None) -> str:
-        """The prefix text, e.g. ``"GPT4 Correct User:"``; stripped, so an empty condition gives ``"User:"``."""
-        word = self.user_role if role == "user" else self.assistant_role
+        """The prefix text, e.g. ``"GPT4 Correct User:"``; ``None`` condition means the default."""
         cond = self.default_condition if condition is None else condition
-        return f"{cond} {word}:".strip()
+        text = self.prefix.format(condition=cond, role=dict(self.role_names)[role])
+        return text.strip() if self.strip_prefix else text
 
     def segments(
         self,
@@ -71,7 +76,7 @@ class ChatTemplate:
             messages: ``(role, content, weight)`` triples; only assistant turns keep their
                 weight, user turns always weigh 0.
             condition: the C-RLFT condition; ``None`` means :attr:`default_condition`.
-            system: optional system prompt (followed by an end-of-turn token).
+            system: optional system prompt (followed by an end-of-turn).
             add_generation_prompt: end with an open assistant prefix (for serving).
         """
         segs: list[Segment] = []
@@ -95,7 +100,7 @@ class ChatTemplate:
         for s in segments:
             if s.kind == "bos":
                 out.append(bos_text)
-            elif s.kind == "content":
+            elif s.kind == "content" and self.strip_prefix:
                 out.append(" " + s.text)
             else:
                 out.append(s.text)
@@ -103,7 +108,19 @@ class ChatTemplate:
 
 
 TEMPLATES: dict[str, ChatTemplate] = {
+    # OpenChat 3.5 (Mistral 7B): "GPT4 Correct User: ...<|end_of_turn|>GPT4 Correct Assistant:"
     "openchat_3.5": ChatTemplate(name="openchat_3.5"),
+    # OpenChat 3.2 (Llama 2 13B): same prefixes, condition "GPT4", 4k context.
+    "openchat_3.2": ChatTemplate(name="openchat_3.2", default_condition="GPT4", max_context=4096),
+    # ChatML as OpenChat trains it: "<|im_start|>user\n...<|im_end|>"; conditions are not used.
+    "chatml": ChatTemplate(
+        name="chatml",
+        prefix="<|im_start|>{role}\n",
+        role_names=(("user", "user"), ("assistant", "assistant")),
+        strip_prefix=False,
+        eot_token="<|im_end|>",
+        default_condition="",
+    ),
 }
 
 

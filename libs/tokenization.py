@@ -43,17 +43,55 @@ def embedded_tokenizer_file() -> Path:
     return path
 
 
+def _embedded_cache_dir() -> Path:
+    import mistral_common
+    import transformers
+
+    root = Path(os.environ.get("RAYCHAT_CACHE", Path(tempfile.gettempdir()) / "raychat"))
+    return root / "tokenizers" / f"embedded-mc{mistral_common.__version__}-tf{transformers.__version__}"
+
+
 def build_embedded_tokenizer():
-    """Builds the default tokenizer: Mistral-7B v0.1 + ``<|end_of_turn|>`` (32000), ``<|pad_0|>`` (32001)."""
+    """The default tokenizer: Mistral-7B v0.1 + ``<|end_of_turn|>`` (32000), ``<|pad_0|>`` (32001).
+
+    Converting the SentencePiece model takes seconds, so the result is cached on local disk
+    (``$RAYCHAT_CACHE``, default ``/tmp/raychat``) and later calls load the cached copy.
+    """
+    from transformers import AutoTokenizer
+
+    cache = _embedded_cache_dir()
+    if (cache / "tokenizer.json").is_file():
+        try:
+            tok = _check_special_ids(AutoTokenizer.from_pretrained(str(cache)))
+            tok.name_or_path = EMBEDDED_TOKENIZER_NAME
+            return tok
+        except (OSError, ValueError, RuntimeError):
+            shutil.rmtree(cache, ignore_errors=True)  # a corrupt cache is rebuilt
+    tok = _convert_embedded_tokenizer()
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    tok.save_pretrained(str(tmp))
+    try:
+        tmp.rename(cache)
+    except OSError:  # another process cached it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tok
+
+
+def _check_special_ids(tok):
+    got = {t: tok.convert_tokens_to_ids(t) for t in OPENCHAT_SPECIAL_TOKENS}
+    if got != OPENCHAT_SPECIAL_IDS:
+        raise RuntimeError(f"special token ids {got} differ from OpenChat's {OPENCHAT_SPECIAL_IDS}")
+    return tok
+
+
+def _convert_embedded_tokenizer():
     from transformers import LlamaTokenizer
 
     with tempfile.TemporaryDirectory() as d:
         shutil.copy(embedded_tokenizer_file(), os.path.join(d, "tokenizer.model"))
         tok = LlamaTokenizer.from_pretrained(d)
     tok.add_special_tokens({"additional_special_tokens": list(OPENCHAT_SPECIAL_TOKENS)})
-    got = {t: tok.convert_tokens_to_ids(t) for t in OPENCHAT_SPECIAL_TOKENS}
-    if got != OPENCHAT_SPECIAL_IDS:
-        raise RuntimeError(f"special token ids {got} differ from OpenChat's {OPENCHAT_SPECIAL_IDS}")
+    _check_special_ids(tok)
     tok.pad_token = PAD_TOKEN
     tok.chat_template = OPENCHAT_CHAT_TEMPLATE
     tok.name_or_path = EMBEDDED_TOKENIZER_NAME
@@ -89,23 +127,50 @@ class ConversationTokenizer:
     so a user who types ``<|end_of_turn|>`` gets plain-text tokens, never the control token.
     """
 
-    def __init__(self, tokenizer, template: ChatTemplate, max_length: int):
+    def __init__(self, tokenizer, template: ChatTemplate, max_length: int | None = None):
         self.tokenizer = tokenizer
         self.template = template
-        self.max_length = max_length
+        self.max_length = max_length or template.max_context
         self.bos_id = tokenizer.bos_token_id
-        self.eot_id = tokenizer.convert_tokens_to_ids(template.eot_token)
-        if self.eot_id is None or self.eot_id == tokenizer.unk_token_id:
-            raise ValueError(f"tokenizer has no {template.eot_token!r} token; add it before training")
+        if template.add_bos and self.bos_id is None:
+            raise ValueError(f"template {template.name!r} needs a BOS token; the tokenizer has none")
+        self.eot_ids = self._encode_template_text(template.eot_token)
+        if len(self.eot_ids) != 1 or self.eot_ids[0] == tokenizer.unk_token_id:
+            raise ValueError(
+                f"tokenizer has no {template.eot_token!r} token (template {template.name!r}); add it as a special token first"
+            )
+        self.eot_id = self.eot_ids[0]
+        self._prefix_cache: dict[str, list[int]] = {}
+
+    def _encode_template_text(self, text: str) -> list[int]:
+        # Template text (role prefixes, EOT) may contain control tokens such as <|im_start|>.
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=False)["input_ids"]
+
+    def _prefix_ids(self, text: str) -> list[int]:
+        ids = self._prefix_cache.get(text)
+        if ids is None:
+            ids = self._prefix_cache[text] = self._encode_template_text(text)
+        return ids
 
     def _encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
+        # User-supplied text: special tokens are escaped, never control tokens.
         if not texts:
             return []
+        rust = getattr(self.tokenizer, "_tokenizer", None)
+        if rust is not None and hasattr(rust, "encode_batch_fast") and hasattr(rust, "encode_special_tokens"):
+            # The Rust tokenizer directly: same ids as split_special_tokens=True, without
+            # transformers' per-encoding conversion (a third of the data stage's overhead).
+            previous = rust.encode_special_tokens
+            rust.encode_special_tokens = True
+            try:
+                return [e.ids for e in rust.encode_batch_fast(list(texts), add_special_tokens=False)]
+            finally:
+                rust.encode_special_tokens = previous
         return self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def encode_segments(self, segment_lists: Sequence[list[Segment]]) -> list[tuple[list[int], list[float]]]:
-        """Tokenizes many segment lists with one batched tokenizer call."""
-        texts = [s.text for segs in segment_lists for s in segs if s.kind not in ("bos", "eot")]
+        """Tokenizes many segment lists with one batched tokenizer call for all user text."""
+        texts = [s.text for segs in segment_lists for s in segs if s.kind in ("content", "system")]
         encoded = iter(self._encode_texts(texts))
         out = []
         for segs in segment_lists:
@@ -115,7 +180,9 @@ class ConversationTokenizer:
                 if s.kind == "bos":
                     piece = [self.bos_id]
                 elif s.kind == "eot":
-                    piece = [self.eot_id]
+                    piece = self.eot_ids
+                elif s.kind == "prefix":
+                    piece = self._prefix_ids(s.text)
                 else:
                     piece = next(encoded)
                 ids += piece
@@ -163,3 +230,12 @@ class ConversationTokenizer:
         )
         ((ids, _),) = self.encode_segments([segs])
         return ids
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short digest of the vocabulary (token → id), to tell tokenizers apart in data metadata."""
+    import hashlib
+    import json
+
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]

@@ -48,7 +48,7 @@ def test_quarantine_files_hold_original_rows_with_reasons(pipeline):
     records = [json.loads(line) for f in qdir.glob("*.jsonl") for line in f.read_text().splitlines()]
     assert sorted(r["reason"] for r in records) == sorted(
         ["bad_json", "unknown_role", "empty_content", "no_assistant_turn", "not_an_object"])
-    assert all(r["source"].endswith("sample.jsonl") and r["record"] for r in records)
+    assert all(r["file"].endswith("sample.jsonl") and r["record"] and r["index"] >= 0 for r in records)
 
 
 def test_checkpoint_is_plain_hf_format_that_transformers_loads(pipeline):

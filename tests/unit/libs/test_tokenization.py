@@ -83,3 +83,35 @@ def test_prompt_ends_with_open_assistant_prefix(ct, sp):
         + sp.encode("GPT4 Correct Assistant:")
     )
     assert ids == expected
+
+
+def test_openchat_32_uses_gpt4_condition_and_4k_context(tokenizer, sp):
+    ct32 = ConversationTokenizer(tokenizer, get_template("openchat_3.2"))
+    assert ct32.max_length == 4096
+    ids = ct32.encode_prompt([("user", "Hi")])
+    assert ids == [1] + sp.encode("GPT4 User:") + sp.encode("Hi") + [32000] + sp.encode("GPT4 Assistant:")
+
+
+@pytest.fixture(scope="module")
+def chatml_tokenizer():
+    from libs.tokenization import build_embedded_tokenizer
+
+    tok = build_embedded_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tok
+
+
+def test_chatml_prefix_is_a_control_token_and_content_is_escaped(chatml_tokenizer, sp):
+    im_start, im_end = chatml_tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    ct = ConversationTokenizer(chatml_tokenizer, get_template("chatml"))
+    tc = ct.encode(conv(("user", "say <|im_end|> please", 0.0), ("assistant", "ok", 1.0), condition=""))
+    assert tc.input_ids[0] == 1 and tc.input_ids[1] == im_start
+    assert tc.input_ids.count(im_start) == 2 and tc.input_ids.count(im_end) == 2  # the typed one is escaped
+    assert tc.input_ids[-1] == im_end and tc.weights[-1] == 1.0
+    n = len(sp.encode("ok")) + 1
+    assert tc.input_ids[-n:-1] == sp.encode("ok") and all(w == 0 for w in tc.weights[:-n])
+
+
+def test_template_without_its_eot_token_in_the_tokenizer_is_a_clear_error(tokenizer):
+    with pytest.raises(ValueError, match="has no '<\\|im_end\\|>' token"):
+        ConversationTokenizer(tokenizer, get_template("chatml"))
