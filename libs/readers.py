@@ -16,10 +16,11 @@ Contract:
   A record that cannot be used comes back with ``error`` set to a reason slug and ``detail``
   saying why:
 
-  - ``bad_json``: a JSONL line that is not valid JSON; in a JSON array, a syntax error
-    (an element that does not parse, a missing comma, garbage after the closing ``]``). The
-    array scanner cannot resynchronise reliably after such an error, so one record holds
-    the rest of the file from the failing element (its first 1 MiB) and reading stops.
+  - ``bad_json``: a JSONL line that is not valid JSON, or a JSON-array element whose
+    brackets balance but which does not parse (e.g. ``{"a": 1,}``) — reading goes on. A
+    syntax error *between* elements (a missing comma, garbage after the closing ``]``)
+    leaves the scanner unable to resynchronise reliably, so one record holds the rest of the
+    file from there (its first 1 MiB) and reading stops.
   - ``non_utf8``: the record's bytes are not valid UTF-8; ``text`` is decoded with
     ``errors="backslashreplace"``. Reading goes on.
   - ``truncated``: a JSON array that ends before it is closed. Every complete element
@@ -34,7 +35,8 @@ Contract:
   lines are skipped and use no index); for a JSON array the 0-based element index.
 * JSONL ``text`` is the line without its line ending (``\\n`` or ``\\r\\n``); a JSON-array
   element's ``text`` is its exact source text. A UTF-8 BOM at the file start is ignored.
-* ``value`` is parsed exactly once, here, so callers never re-parse ``text``.
+* ``value`` holds the parsed JSON (the datasource passes ``text`` on, and the tokenizer
+  actors parse it again: Arrow cannot carry arbitrary Python values cheaply).
 """
 
 from __future__ import annotations
@@ -396,11 +398,9 @@ def _iter_array(buf: _Buffer, pos: int, max_record_bytes: int) -> Iterator[RawRe
         elif size > max_record_bytes:
             yield _too_large(index, data[start : start + PREVIEW_BYTES], size, max_record_bytes, where)
         else:
-            record = _parse(index, data[start:pos], where)
-            if record.error == "bad_json":
-                yield _rest_is_bad(buf, index, start, record.detail or "")
-                return
-            yield record
+            # The scanner found the element's end, so it is still in step: a parse failure here
+            # (e.g. a trailing comma inside an object) costs this element only, not the rest.
+            yield _parse(index, data[start:pos], where)
 
         # After an element: expect `,` or `]`.
         while True:

@@ -268,10 +268,10 @@ def test_missing_comma_mid_array_yields_one_bad_json_with_the_rest_and_stops():
     assert "expected ',' or ']' after element 1" in records[2].detail
 
 
-def test_invalid_element_mid_array_yields_one_bad_json_with_the_rest_and_stops():
+def test_invalid_but_balanced_element_costs_only_itself():
     records = read(b'[{"a": 1}, {"a": 2,}, {"a": 3}]')
-    assert summary(records) == [(0, None, {"a": 1}), (1, "bad_json", None)]
-    assert records[1].text == '{"a": 2,}, {"a": 3}]'
+    assert summary(records) == [(0, None, {"a": 1}), (1, "bad_json", None), (2, None, {"a": 3})]
+    assert records[1].text == '{"a": 2,}'
     assert "Expecting property name" in records[1].detail and "element 1" in records[1].detail
 
 
