@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import resource
 import sys
 import time
 from typing import Iterator, Sequence
@@ -102,12 +103,12 @@ class TokenizeBatch:
 
     def __init__(self, cfg: dict, ledger, schema_metadata: bytes):
         from libs.templates import get_template
-        from libs.tokenization import ConversationTokenizer, load_tokenizer
+        from libs.tokenization import ConversationTokenizer, load_data_encoder
 
         c = PretokenizeConfig.model_validate(cfg)
         local = storage.local_or_download(c.tokenizer, "/tmp/raychat/tokenizers") if c.tokenizer else None
         template = get_template(c.template)
-        self.ct = ConversationTokenizer(load_tokenizer(local), template, c.max_length)
+        self.ct = ConversationTokenizer(load_data_encoder(local), template, c.max_length)
         self.policy = RowPolicy(rules=source_rules(c, template.default_condition), fmt=c.format,
                                 same_role=c.same_role, dedupe=c.dedupe, strict=c.strict)
         self.output = c.output
@@ -142,16 +143,16 @@ def source_rules(cfg: PretokenizeConfig, default_condition: str) -> SourceRules:
 def data_metadata(cfg: PretokenizeConfig) -> dict:
     """How the rows are made; training refuses data whose metadata does not match its model."""
     from libs.templates import get_template
-    from libs.tokenization import ConversationTokenizer, load_tokenizer, tokenizer_fingerprint
+    from libs.tokenization import ConversationTokenizer, load_data_encoder, tokenizer_fingerprint
 
     local = storage.local_or_download(cfg.tokenizer, "/tmp/raychat/tokenizers") if cfg.tokenizer else None
-    tok = load_tokenizer(local)
-    ct = ConversationTokenizer(tok, get_template(cfg.template), cfg.max_length)  # fails fast on a bad pairing
+    enc = load_data_encoder(local)
+    ct = ConversationTokenizer(enc, get_template(cfg.template), cfg.max_length)  # fails fast on a bad pairing
     return {
         "template": cfg.template,
         "tokenizer": cfg.tokenizer or "embedded",
-        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
-        "vocab_size": len(tok),
+        "tokenizer_fingerprint": tokenizer_fingerprint(enc),
+        "vocab_size": len(enc.vocab()),
         "max_length": ct.max_length,
         "eot_id": ct.eot_id,
     }
@@ -219,6 +220,8 @@ def run(cfg: PretokenizeConfig) -> dict:
         quarantine=storage.join(cfg.output, QUARANTINE_DIR),
         metadata=meta,
         wall_time_s=round(time.time() - t0, 2),
+        # Peak RSS of this driver process: bounded by design (rows stream through Ray Data).
+        driver_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     )
     if report["read"] != report["written"] + report["quarantined"] + report["dropped"] or on_disk != report["written"]:
         raise RuntimeError(f"row accounting does not reconcile ({on_disk} rows on disk): {report}")
@@ -243,6 +246,7 @@ def summary_table(report: dict) -> str:
         *[(f"condition {k!r}: rows", v["rows"]) for k, v in report["by_condition"].items()],
         ("parquet files", report["parquet_files"]),
         ("wall time (s)", report["wall_time_s"]),
+        ("driver peak RSS (MB)", report["driver_peak_rss_mb"]),
         ("output", report["output"]),
     ]
     return format_table("pretokenize summary", rows)

@@ -10,6 +10,7 @@ For OpenChat 3.5 a two-turn chat reads::
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,9 +60,7 @@ class ChatTemplate:
 
     def role_prefix(self, role: str, condition: str | None) -> str:
         """The prefix text, e.g. ``"GPT4 Correct User:"``; ``None`` condition means the default."""
-        cond = self.default_condition if condition is None else condition
-        text = self.prefix.format(condition=cond, role=dict(self.role_names)[role])
-        return text.strip() if self.strip_prefix else text
+        return _role_prefix(self, role, self.default_condition if condition is None else condition)
 
     def segments(
         self,
@@ -105,6 +104,12 @@ class ChatTemplate:
             else:
                 out.append(s.text)
         return "".join(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def _role_prefix(template: ChatTemplate, role: str, condition: str) -> str:
+    text = template.prefix.format(condition=condition, role=dict(template.role_names)[role])
+    return text.strip() if template.strip_prefix else text
 
 
 TEMPLATES: dict[str, ChatTemplate] = {

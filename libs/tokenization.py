@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 from libs.schema import Conversation, DroppedRow
 from libs.templates import ChatTemplate, Segment
@@ -77,6 +77,14 @@ def build_embedded_tokenizer():
     return tok
 
 
+def build_embedded_tokenizer_dir() -> Path:
+    """Makes sure the embedded tokenizer is cached on disk and returns its directory."""
+    cache = _embedded_cache_dir()
+    if not (cache / "tokenizer.json").is_file():
+        build_embedded_tokenizer()
+    return cache
+
+
 def _check_special_ids(tok):
     got = {t: tok.convert_tokens_to_ids(t) for t in OPENCHAT_SPECIAL_TOKENS}
     if got != OPENCHAT_SPECIAL_IDS:
@@ -107,6 +115,106 @@ def load_tokenizer(path: str | os.PathLike | None):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+class TextEncoder(Protocol):
+    """What conversation tokenization needs from a tokenizer (transformers' or bare ``tokenizers``)."""
+
+    bos_token_id: int | None
+    unk_token_id: int | None
+
+    def encode_control(self, text: str) -> list[int]:
+        """Template text: special tokens in it are control tokens."""
+
+    def encode_plain(self, texts: Sequence[str]) -> list[list[int]]:
+        """User text: special tokens are escaped (plain text tokens), never control tokens."""
+
+    def vocab(self) -> dict[str, int]:
+        """Token → id, added tokens included."""
+
+
+class HFEncoder:
+    """:class:`TextEncoder` over a transformers tokenizer (its Rust core when it has one)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.bos_token_id = tokenizer.bos_token_id
+        self.unk_token_id = tokenizer.unk_token_id
+        rust = getattr(tokenizer, "_tokenizer", None)
+        self._rust = rust if rust is not None and hasattr(rust, "encode_batch_fast") else None
+
+    def encode_control(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=False)["input_ids"]
+
+    def encode_plain(self, texts: Sequence[str]) -> list[list[int]]:
+        if self._rust is not None:
+            # Same ids as split_special_tokens=True, without transformers' per-encoding conversion.
+            return _rust_encode_escaped(self._rust, texts)
+        return self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def vocab(self) -> dict[str, int]:
+        return self.tokenizer.get_vocab()
+
+
+class RustEncoder:
+    """:class:`TextEncoder` over a bare ``tokenizers.Tokenizer`` loaded from an HF directory.
+
+    The data stage uses it: it loads in ~0.1 s where transformers (and torch) take seconds,
+    and yields exactly the ids of the same directory loaded with ``AutoTokenizer``.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        import json
+
+        from tokenizers import Tokenizer
+
+        d = Path(directory)
+        if not (d / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{d}: no tokenizer.json (a fast tokenizer is needed)")
+        self.rust = Tokenizer.from_file(str(d / "tokenizer.json"))
+        cfg = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later files win
+            if (d / name).is_file():
+                cfg.update(json.loads((d / name).read_text()))
+        self.bos_token_id = self._special_id(cfg.get("bos_token"))
+        self.unk_token_id = self._special_id(cfg.get("unk_token"))
+
+    def _special_id(self, token) -> int | None:
+        if isinstance(token, dict):
+            token = token.get("content")
+        return self.rust.token_to_id(token) if isinstance(token, str) else None
+
+    def encode_control(self, text: str) -> list[int]:
+        self.rust.encode_special_tokens = False
+        return self.rust.encode(text, add_special_tokens=False).ids
+
+    def encode_plain(self, texts: Sequence[str]) -> list[list[int]]:
+        return _rust_encode_escaped(self.rust, texts)
+
+    def vocab(self) -> dict[str, int]:
+        return self.rust.get_vocab(with_added_tokens=True)
+
+
+def _rust_encode_escaped(rust, texts: Sequence[str]) -> list[list[int]]:
+    previous = rust.encode_special_tokens
+    rust.encode_special_tokens = True
+    try:
+        return [e.ids for e in rust.encode_batch_fast(list(texts), add_special_tokens=False)]
+    finally:
+        rust.encode_special_tokens = previous
+
+
+def as_encoder(tokenizer) -> TextEncoder:
+    """A :class:`TextEncoder` for a transformers tokenizer, or the encoder itself."""
+    return tokenizer if hasattr(tokenizer, "encode_plain") else HFEncoder(tokenizer)
+
+
+def load_data_encoder(path: str | os.PathLike | None) -> TextEncoder:
+    """The light encoder the data stage uses: ``path`` (an HF directory) or the embedded default."""
+    if path is None:
+        build_embedded_tokenizer_dir()
+        path = _embedded_cache_dir()
+    return RustEncoder(path)
+
+
 @dataclass
 class TokenizedConversation:
     """Token ids with unshifted weights: ``weights[t]`` weighs predicting ``input_ids[t]``."""
@@ -128,45 +236,28 @@ class ConversationTokenizer:
     """
 
     def __init__(self, tokenizer, template: ChatTemplate, max_length: int | None = None):
-        self.tokenizer = tokenizer
+        self.encoder = as_encoder(tokenizer)
         self.template = template
         self.max_length = max_length or template.max_context
-        self.bos_id = tokenizer.bos_token_id
+        self.bos_id = self.encoder.bos_token_id
         if template.add_bos and self.bos_id is None:
             raise ValueError(f"template {template.name!r} needs a BOS token; the tokenizer has none")
-        self.eot_ids = self._encode_template_text(template.eot_token)
-        if len(self.eot_ids) != 1 or self.eot_ids[0] == tokenizer.unk_token_id:
+        self.eot_ids = self.encoder.encode_control(template.eot_token)
+        if len(self.eot_ids) != 1 or self.eot_ids[0] == self.encoder.unk_token_id:
             raise ValueError(
                 f"tokenizer has no {template.eot_token!r} token (template {template.name!r}); add it as a special token first"
             )
         self.eot_id = self.eot_ids[0]
         self._prefix_cache: dict[str, list[int]] = {}
 
-    def _encode_template_text(self, text: str) -> list[int]:
-        # Template text (role prefixes, EOT) may contain control tokens such as <|im_start|>.
-        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=False)["input_ids"]
-
     def _prefix_ids(self, text: str) -> list[int]:
         ids = self._prefix_cache.get(text)
         if ids is None:
-            ids = self._prefix_cache[text] = self._encode_template_text(text)
+            ids = self._prefix_cache[text] = self.encoder.encode_control(text)
         return ids
 
     def _encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
-        # User-supplied text: special tokens are escaped, never control tokens.
-        if not texts:
-            return []
-        rust = getattr(self.tokenizer, "_tokenizer", None)
-        if rust is not None and hasattr(rust, "encode_batch_fast") and hasattr(rust, "encode_special_tokens"):
-            # The Rust tokenizer directly: same ids as split_special_tokens=True, without
-            # transformers' per-encoding conversion (a third of the data stage's overhead).
-            previous = rust.encode_special_tokens
-            rust.encode_special_tokens = True
-            try:
-                return [e.ids for e in rust.encode_batch_fast(list(texts), add_special_tokens=False)]
-            finally:
-                rust.encode_special_tokens = previous
-        return self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return self.encoder.encode_plain(texts) if texts else []
 
     def encode_segments(self, segment_lists: Sequence[list[Segment]]) -> list[tuple[list[int], list[float]]]:
         """Tokenizes many segment lists with one batched tokenizer call for all user text."""
@@ -237,5 +328,5 @@ def tokenizer_fingerprint(tokenizer) -> str:
     import hashlib
     import json
 
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    vocab = sorted(as_encoder(tokenizer).vocab().items(), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]

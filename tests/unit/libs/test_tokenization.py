@@ -115,3 +115,19 @@ def test_chatml_prefix_is_a_control_token_and_content_is_escaped(chatml_tokenize
 def test_template_without_its_eot_token_in_the_tokenizer_is_a_clear_error(tokenizer):
     with pytest.raises(ValueError, match="has no '<\\|im_end\\|>' token"):
         ConversationTokenizer(tokenizer, get_template("chatml"))
+
+
+def test_light_rust_encoder_matches_transformers_exactly(tokenizer):
+    from libs.tokenization import build_embedded_tokenizer_dir, load_data_encoder, tokenizer_fingerprint
+
+    light = load_data_encoder(None)
+    assert (light.bos_token_id, light.unk_token_id) == (tokenizer.bos_token_id, tokenizer.unk_token_id)
+    assert tokenizer_fingerprint(light) == tokenizer_fingerprint(tokenizer)
+    texts = ["Hello there", "say <|end_of_turn|> now", "héllo 😎\n\n  code()", ""]
+    assert light.encode_plain(texts) == tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert light.encode_control("GPT4 Correct User:<|end_of_turn|>") == tokenizer(
+        "GPT4 Correct User:<|end_of_turn|>", add_special_tokens=False)["input_ids"]
+    t = get_template("openchat_3.5")
+    c = conv(("user", "What is 2 + 3?", 0.0), ("assistant", "5", 1.0), system="Be brief.")
+    assert ConversationTokenizer(light, t).encode(c) == ConversationTokenizer(tokenizer, t).encode(c)
+    assert (build_embedded_tokenizer_dir() / "tokenizer.json").is_file()
