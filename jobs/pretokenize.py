@@ -192,7 +192,7 @@ def run(cfg: PretokenizeConfig) -> dict:
     # Reading is light (scanning JSON); a small CPU reservation keeps read tasks schedulable while
     # the tokenizer actors hold a CPU each — with whole CPUs the reads would wait on the actors forever.
     records = ray.data.read_datasource(
-        ConversationFiles(files, in_fs), ray_remote_args={"num_cpus": READ_CPUS}, concurrency=max(1, cpus)
+        ConversationFiles(files, in_fs), num_cpus=READ_CPUS, concurrency=max(1, min(cpus, len(files)))
     )
     rows = records.map_batches(
         TokenizeBatch,
