@@ -66,7 +66,7 @@ def run(cfg: PipelineConfig) -> dict:
         TrainConfig(
             data=pre["output"], output=run_uri, name="train", base_model=cfg.base_model, epochs=cfg.epochs,
             micro_batch_size=cfg.micro_batch_size, learning_rate=cfg.learning_rate, warmup_steps=5,
-            num_workers=cfg.num_workers, zero_stage=cfg.zero_stage,
+            num_workers=cfg.num_workers, zero_stage=cfg.zero_stage, eval_fraction=0.05,
         )
     )
     stages["train"] = time.time() - t
@@ -99,6 +99,7 @@ def summary_table(s: dict) -> str:
         ("tokens (supervised)", f"{pre['tokens']:,} ({pre['supervised_tokens']:,})"),
         ("train steps", tr["steps"]),
         ("loss first → last", f"{tr['loss_first']:.3f} → {tr['loss_last']:.3f}"),
+        ("eval loss (held-out rows)", "-" if tr["eval_loss"] is None else f"{tr['eval_loss']:.3f} ({tr['eval_rows']} rows)"),
         ("checkpoint", tr["checkpoint"]),
         ("endpoint", s["endpoint"]),
         ("model", s["model"]),

@@ -121,7 +121,12 @@ class TrainConfig(_Config):
     bf16: bool | None = Field(default=None, description="bf16 training; unset = on with GPUs, off on CPU.")
     seed: int = Field(default=42, description="Seed for model init (embedded model) and data shuffling.")
     log_every: int = Field(default=5, gt=0, description="Log a metrics line every N steps.")
-    num_to_keep: int = Field(default=2, gt=0, description="Checkpoints kept in storage (Ray Train CheckpointConfig).")
+    checkpoint_every: int | None = Field(default=None, gt=0, description="Also checkpoint every N steps (always at each epoch end).")
+    num_to_keep: int = Field(default=2, gt=0, description="Checkpoints kept in storage; the best by eval loss (else the latest) win.")
+    async_checkpoint: bool = Field(default=True, description="Upload checkpoints in the background so the step loop does not wait.")
+    eval_fraction: float = Field(default=0.02, ge=0, lt=1, description="Held-out share of rows (stable hash of the row id) for eval loss; 0 disables.")
+    eval_every: int | None = Field(default=None, gt=0, description="Also evaluate every N steps (always before each checkpoint).")
+    max_failures: int = Field(default=1, ge=0, description="Restarts of a failed worker group from the last checkpoint (Ray Train FailureConfig).")
 
 
 class ServeConfig(_Config):

@@ -6,8 +6,9 @@ Planning (:func:`plan_epoch`)
     ``MultipackDistributedSampler``:
 
     1. Rows are shuffled with a numpy ``Generator`` seeded by ``(seed, epoch)``.
-    2. The shuffled order is consumed in large groups of ``G`` steps, i.e. ``B = G * num_ranks``
-       bins of capacity ``batch_max_len``. For each group a binary search finds the longest
+    2. The shuffled order is consumed in large groups of ``B`` bins of capacity ``batch_max_len``
+       (``group_bins`` rounded down to whole steps, i.e. a multiple of ``num_ranks``; fewer at the
+       end of the epoch). For each group a binary search finds the longest
        *prefix* of the not-yet-packed rows that best-fit-decreasing (BFD: first-fit-decreasing,
        but into the tightest bin that fits, found with ``bisect`` in O(log B)) can fit into the
        ``B`` bins. Rows after that prefix simply stay first in line for the next group, so which
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-DEFAULT_GROUP_STEPS = 16
+DEFAULT_GROUP_BINS = 128
 
 # Lower bounds tried (as a fraction of the group's capacity) before bisecting on the prefix
 # length: the best prefix nearly always fills the bins to >99.5%, so bracketing it closely
@@ -101,7 +102,6 @@ def _pack_prefix(window: np.ndarray, capacity: int, num_bins: int) -> tuple[int,
     Returns:
         ``(m, bins)``: the prefix length and its packing (positions within ``window``).
     """
-    n = len(window)
     cum = np.cumsum(window)
     # Stable sort on -length: ties keep shuffled order, so the result is deterministic.
     desc = np.argsort(-window, kind="stable")
@@ -135,7 +135,7 @@ def _pack_prefix(window: np.ndarray, capacity: int, num_bins: int) -> tuple[int,
             hi = mid
         else:
             lo, lo_bins = mid, found
-    return min(lo, n), lo_bins
+    return lo, lo_bins
 
 
 def plan_epoch(
@@ -145,7 +145,7 @@ def plan_epoch(
     seed: int,
     epoch: int,
     *,
-    group_steps: int = DEFAULT_GROUP_STEPS,
+    group_bins: int = DEFAULT_GROUP_BINS,
 ) -> PackingPlan:
     """Plans one epoch of multipack steps; see the module docstring for the algorithm.
 
@@ -155,18 +155,19 @@ def plan_epoch(
         num_ranks: Data-parallel world size; every step has exactly one pack per rank.
         seed: Shuffle seed (non-negative).
         epoch: Epoch number (non-negative); each epoch gets a different shuffle.
-        group_steps: Steps packed together in one bin-packing problem; larger packs tighter.
+        group_bins: Packs solved together as one bin-packing problem (rounded to whole steps,
+            at least one); larger packs tighter.
 
     Returns:
         The epoch's plan. Deterministic in all arguments.
 
     Raises:
         ValueError: On a row longer than ``batch_max_len``, a non-positive row length, or
-            non-positive ``batch_max_len`` / ``num_ranks`` / ``group_steps``.
+            non-positive ``batch_max_len`` / ``num_ranks`` / ``group_bins``.
     """
-    if batch_max_len < 1 or num_ranks < 1 or group_steps < 1:
+    if batch_max_len < 1 or num_ranks < 1 or group_bins < 1:
         raise ValueError(
-            f"batch_max_len, num_ranks and group_steps must be >= 1, got {batch_max_len}, {num_ranks}, {group_steps}"
+            f"batch_max_len, num_ranks and group_bins must be >= 1, got {batch_max_len}, {num_ranks}, {group_bins}"
         )
     lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
     if lens.size and lens.max() > batch_max_len:
@@ -183,6 +184,7 @@ def plan_epoch(
     cum = np.cumsum(shuffled)
     total = int(cum[-1]) if lens.size else 0
     step_tokens = num_ranks * batch_max_len
+    group_steps = max(1, group_bins // num_ranks)
 
     steps: list[list[list[int]]] = []
     packed_tokens = 0
@@ -199,18 +201,14 @@ def plan_epoch(
         num_bins = num_ranks * min(group_steps, available // step_tokens)
         # Fresh rows up to one past the group's token capacity: no longer prefix can fit.
         end = int(np.searchsorted(cum, done + num_bins * batch_max_len - carry_tokens, side="right")) + 1
-        window_pos = np.concatenate([carry, np.arange(pos, max(pos, min(end, lens.size)))])
+        end = max(pos, min(end, lens.size))
+        window_pos = np.concatenate([carry, np.arange(pos, end)])
         m, bins = _pack_prefix(shuffled[window_pos], batch_max_len, num_bins)
         bins = [b for b in bins if b]
         # Normally all bins are used; if not, keep whole steps and carry the other rows over.
         kept = len(bins) - len(bins) % num_ranks
         if kept == 0:
             break
-        for s in range(0, kept, num_ranks):
-            step = []
-            for b in rng.permutation(kept)[s : s + num_ranks] if False else ():
-                pass
-            del step
         perm = rng.permutation(kept)
         for s in range(0, kept, num_ranks):
             step = [sorted(order[window_pos[bins[b]]].tolist()) for b in perm[s : s + num_ranks]]
@@ -219,7 +217,7 @@ def plan_epoch(
         dropped = [j for b in bins[kept:] for j in b]
         carry = np.concatenate([window_pos[dropped], window_pos[m:]]).astype(np.int64)
         carry_tokens = int(shuffled[carry].sum())
-        pos = max(pos, min(end, lens.size))
+        pos = end
 
     used = sum(len(p) for step in steps for p in step)
     capacity = len(steps) * step_tokens

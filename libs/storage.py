@@ -210,3 +210,18 @@ def expand_inputs(uris: list[str], extensions: tuple[str, ...] = DATA_EXTENSIONS
 def display_uri(fs: pafs.FileSystem, path: str) -> str:
     """A path from ``fs`` written as the user would (``s3://`` prefix for S3)."""
     return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
+
+
+def download_files(uri: str, local_dir: str | os.PathLike, names: list[str]) -> list[str]:
+    """Copies the named files that exist directly under ``uri`` into ``local_dir``; returns those copied."""
+    fs, path = resolve(uri)
+    local = Path(local_dir)
+    local.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in names:
+        src = f"{path}/{name}"
+        if fs.get_file_info(src).type == pafs.FileType.File:
+            with fs.open_input_stream(src) as f:
+                (local / name).write_bytes(f.read())
+            copied.append(name)
+    return copied

@@ -1,0 +1,95 @@
+"""The training job on real Ray: resume on re-run, a killed worker restarts from the last checkpoint,
+mismatched data is refused, checkpoints carry a manifest with best/latest."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def tokenized(ray_local, tmp_path_factory):
+    from jobs.pretokenize import run
+    from libs.config import PretokenizeConfig
+    from libs.sample_data import sample_jsonl
+
+    root = tmp_path_factory.mktemp("train-data")
+    (root / "in.jsonl").write_text(sample_jsonl(96, include_bad_rows=False))
+    run(PretokenizeConfig(input=str(root / "in.jsonl"), output=str(root / "tok")))
+    return str(root / "tok")
+
+
+def cfg(tokenized, out, **kw):
+    from libs.config import TrainConfig
+
+    base = dict(data=tokenized, output=str(out), name="run", micro_batch_size=8, learning_rate=1e-3, warmup_steps=2,
+                eval_fraction=0.1, epochs=5)
+    return TrainConfig(**(base | kw))
+
+
+def test_rerun_resumes_from_latest_checkpoint_with_same_history(tokenized, tmp_path):
+    from jobs.train import run
+
+    first = run(cfg(tokenized, tmp_path, max_steps=6, checkpoint_every=3))
+    second = run(cfg(tokenized, tmp_path, max_steps=12, checkpoint_every=3))
+    assert first["steps"] == 6 and second["steps"] == 12
+    assert [h["step"] for h in second["history"]] == list(range(1, 13))
+    # Steps 1-6 were not re-trained: the resumed run's history starts with the first run's.
+    assert [h["loss"] for h in second["history"][:6]] == [h["loss"] for h in first["history"]]
+    manifest = json.loads(Path(second["manifest"]).read_text())
+    assert manifest["latest"] == second["checkpoint"] and manifest["checkpoints"][-1]["step"] == 12
+    assert all(c["eval_loss"] is not None for c in manifest["checkpoints"])
+    best = min(manifest["checkpoints"], key=lambda c: c["eval_loss"])
+    assert manifest["best"] == best["uri"]
+
+
+def _kill_first_train_worker_after_checkpoint(run_dir: Path, killed: list, deadline: float) -> None:
+    import psutil
+
+    while time.time() < deadline and not killed:
+        if any(run_dir.glob("checkpoint_2*")):
+            for p in psutil.process_iter(["pid", "cmdline"]):
+                if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                    os.kill(p.info["pid"], signal.SIGKILL)
+                    killed.append(p.info["pid"])
+                    return
+        time.sleep(0.2)
+
+
+def test_killed_worker_restarts_from_checkpoint_and_finishes(tokenized, tmp_path):
+    from jobs.train import run
+    from transformers import AutoModelForCausalLM
+
+    killed: list = []
+    watcher = threading.Thread(target=_kill_first_train_worker_after_checkpoint,
+                               args=(tmp_path / "run", killed, time.time() + 300), daemon=True)
+    watcher.start()
+    summary = run(cfg(tokenized, tmp_path, max_steps=16, checkpoint_every=2, max_failures=2, async_checkpoint=False))
+    watcher.join(timeout=5)
+    assert killed, "the watcher never found a training worker to kill"
+    assert summary["steps"] == 16
+    assert [h["step"] for h in summary["history"]] == list(range(1, 17))
+    model = AutoModelForCausalLM.from_pretrained(summary["checkpoint"])
+    assert model.config.model_type == "mistral"
+
+
+def test_data_from_another_tokenizer_is_refused(tokenized, tmp_path):
+    import shutil
+
+    from jobs.train import run
+    from libs.model import create_embedded_base_model
+    from libs.tokenization import build_embedded_tokenizer
+
+    base = create_embedded_base_model(tmp_path / "base")
+    tok = build_embedded_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    shutil.rmtree(base / "tokenizer.json", ignore_errors=True)
+    tok.save_pretrained(base)
+    with pytest.raises(SystemExit, match="tokenized with tokenizer 'embedded'"):
+        run(cfg(tokenized, tmp_path, base_model=str(base), max_steps=1))
