@@ -106,15 +106,6 @@ def _convert_embedded_tokenizer():
     return tok
 
 
-def load_tokenizer(path: str | os.PathLike | None):
-    """Loads a tokenizer from a local HF directory, or the embedded default when ``path`` is None."""
-    if path is None:
-        return build_embedded_tokenizer()
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
-
-
 class TextEncoder(Protocol):
     """What conversation tokenization needs from a tokenizer (transformers' or bare ``tokenizers``)."""
 
