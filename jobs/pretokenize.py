@@ -53,12 +53,12 @@ class ConversationFiles(FileBasedDatasource):
 
     def __init__(self, paths: list[str], filesystem: pafs.FileSystem):
         super().__init__(paths, filesystem=filesystem)
-        self._s3 = isinstance(filesystem, pafs.S3FileSystem)
+        self._fs = filesystem
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         from libs.readers import iter_records
 
-        file = f"s3://{path}" if self._s3 else path
+        file = storage.display_uri(self._fs, path)
         cols: dict[str, list] = {name: [] for name in RECORD_SCHEMA.names}
         for rec in iter_records(f):
             cols["file"].append(file)

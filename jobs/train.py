@@ -127,11 +127,8 @@ class _StepRunner:
         from libs.training import collate, forward_weighted_ce
 
         tensors = {k: v.to(self.engine.device) for k, v in collate(batch["input_ids"], batch["weights"], self.pad_id).items()}
-        if train:
+        with torch.set_grad_enabled(train):
             parts = forward_weighted_ce(self.engine, tensors)
-        else:
-            with torch.no_grad():
-                parts = forward_weighted_ce(self.engine, tensors)
         stats = torch.stack([parts.weight_sum, parts.loss_sum.detach(), parts.correct_weight]).float()
         if self.world > 1:
             dist.all_reduce(stats)
@@ -243,15 +240,11 @@ def split_train_eval(ds, fraction: float):
     return train, held_out
 
 
-def checkpoint_uri(storage_uri: str, checkpoint_path: str) -> str:
-    return f"s3://{checkpoint_path}" if storage.is_s3(storage_uri) else checkpoint_path
-
-
 def write_manifest(result, cfg: TrainConfig, run_uri: str) -> dict:
     """``manifest.json``: every kept checkpoint with step and eval loss, plus ``best`` and ``latest``."""
     entries = []
     for ckpt, metrics in result.best_checkpoints:
-        entries.append({"uri": checkpoint_uri(cfg.output, ckpt.path), "step": metrics.get("step"), "epoch": metrics.get("epoch"),
+        entries.append({"uri": storage.display_uri(ckpt.filesystem, ckpt.path), "step": metrics.get("step"), "epoch": metrics.get("epoch"),
                         "loss": metrics.get("loss"), "eval_loss": metrics.get("eval_loss")})
     entries.sort(key=lambda e: e["step"])
     latest = entries[-1]["uri"] if entries else None

@@ -209,7 +209,8 @@ def expand_inputs(uris: list[str], extensions: tuple[str, ...] = DATA_EXTENSIONS
 
 def display_uri(fs: pafs.FileSystem, path: str) -> str:
     """A path from ``fs`` written as the user would (``s3://`` prefix for S3)."""
-    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
+    # type_name is "s3" for pyarrow's S3FileSystem, and contains it for wrapped S3 filesystems.
+    return f"s3://{path}" if "s3" in fs.type_name else path
 
 
 def download_files(uri: str, local_dir: str | os.PathLike, names: list[str]) -> list[str]:
