@@ -46,6 +46,7 @@ from libs.report import format_table
 QUARANTINE_DIR = "_quarantine"
 RECORDS_PER_BLOCK = 2048
 READ_CPUS = 0.1
+READ_BLOCK_BYTES = 16 * 2**20
 
 
 class ConversationFiles(FileBasedDatasource):
@@ -191,6 +192,9 @@ def run(cfg: PretokenizeConfig) -> dict:
     out_fs, out_path = storage.resolve(cfg.output)
     # Reading is light (scanning JSON); a small CPU reservation keeps read tasks schedulable while
     # the tokenizer actors hold a CPU each — with whole CPUs the reads would wait on the actors forever.
+    # Emit read blocks every ~16 MiB (not Ray Data's 128 MiB) so tokenizing starts while files are read.
+    ctx = ray.data.DataContext.get_current()
+    ctx.target_max_block_size = min(ctx.target_max_block_size or READ_BLOCK_BYTES, READ_BLOCK_BYTES)
     records = ray.data.read_datasource(
         ConversationFiles(files, in_fs), num_cpus=READ_CPUS, concurrency=max(1, min(cpus, len(files)))
     )
@@ -203,7 +207,15 @@ def run(cfg: PretokenizeConfig) -> dict:
         num_cpus=1 - READ_CPUS,
     )
     try:
-        rows.write_parquet(out_path, filesystem=out_fs, min_rows_per_file=cfg.rows_per_file)
+        rows.write_parquet(
+            out_path,
+            filesystem=out_fs,
+            min_rows_per_file=cfg.rows_per_file,
+            # Writing is light too: shards are written while tokenizing goes on, not after it.
+            ray_remote_args={"num_cpus": READ_CPUS},
+            # Token ids do not repeat enough for dictionary pages; the tag-like columns do.
+            use_dictionary=["source", "condition", "file", "weights"],
+        )
     except Exception as e:  # noqa: BLE001 - surface --strict's message instead of a Ray traceback
         msg = _strict_message(e)
         if msg:

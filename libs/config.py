@@ -68,7 +68,7 @@ class PretokenizeConfig(_Config):
     strict: bool = Field(default=False, description="Fail on the first bad row (naming file, record index and reason) instead of quarantining.")
     batch_size: int = Field(default=512, gt=0, description="Rows per tokenizer batch (Ray Data map_batches).")
     num_actors: int | None = Field(default=None, gt=0, description="Tokenizer actors (one tokenizer each); unset = the cluster's CPUs.")
-    rows_per_file: int = Field(default=100_000, gt=0, description="Target rows per parquet shard.")
+    rows_per_file: int = Field(default=8192, gt=0, description="Target rows per parquet shard (shards are written as rows stream in).")
 
     @field_validator("template")
     @classmethod

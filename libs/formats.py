@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
-from libs.schema import Conversation, InvalidRow, Message
+from libs.schema import Conversation, InvalidRow
 
 Format = Literal["auto", "openchat", "openai", "sharegpt"]
 SameRolePolicy = Literal["merge", "quarantine"]
@@ -138,7 +139,9 @@ def _turns(obj: dict, fmt: str) -> tuple[list[tuple[str, str, float | None]], st
         if text_key not in t:
             raise InvalidRow("missing_field", f"{where}.{text_key}: field required")
         weight = t.get("weight") if fmt == "openchat" else None
-        if weight is not None and (not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0):
+        if weight is not None and (
+            not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 <= weight < math.inf
+        ):
             raise InvalidRow("invalid_field", f"{where}.weight: expected a number >= 0, got {weight!r}")
         turns.append((role, _text(t[text_key], where), None if weight is None else float(weight)))
     system = obj.get("system") or ""
@@ -195,8 +198,12 @@ def normalize(
     condition = spec.condition
     if kind == "openchat" and isinstance(obj.get("condition"), str) and obj["condition"]:
         condition = obj["condition"]
-    items = [Message(role=r, content=t, weight=spec.weight if w is None else w) for r, t, w in merged]
-    return Conversation(items=items, condition=condition, system=system), source
+    # One validation call per row (pydantic-core validates the nested items in Rust).
+    return Conversation.model_validate({
+        "items": [{"role": r, "content": t, "weight": spec.weight if w is None else w} for r, t, w in merged],
+        "condition": condition,
+        "system": system,
+    }), source
 
 
 def content_hash(conv: Conversation) -> bytes:

@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import pyarrow as pa
 
 from libs.formats import Format, SameRolePolicy, SourceRules, content_hash, normalize
@@ -176,26 +177,34 @@ def process_records(
         stats.dropped["duplicate"] += sum(1 for f in first if not f)
         kept = [k for k, f in zip(kept, first) if f]
 
-    encoded = ct.encode_segments([ct.conversation_segments(c) for _, c, _, _ in kept])
-    cols: dict[str, list] = {name: [] for name in ROW_SCHEMA.names}
-    for (i, conv, source, rid), (ids, weights) in zip(kept, encoded):
-        try:
-            tc = ct.finalize(ids, weights)
-        except DroppedRow as e:
-            stats.dropped[e.reason] += 1
-            continue
-        supervised = len(tc.weights) - tc.weights.count(0.0)
-        for name, value in (("id", rid), ("source", source), ("condition", conv.condition), ("file", files[i]),
-                            ("index", int(indices[i])), ("input_ids", tc.input_ids), ("weights", tc.weights),
-                            ("length", len(tc.input_ids)), ("total_weight", tc.total_weight)):
-            cols[name].append(value)
-        stats.written += 1
-        stats.truncated += tc.truncated
-        stats.tokens += len(tc.input_ids)
-        stats.supervised_tokens += supervised
+    enc = ct.encode_batch([c for _, c, _, _ in kept])
+    for _, e in enc.dropped:
+        stats.dropped[e.reason] += 1
+    rows = [kept[k] for k in enc.rows.tolist()]
+    lengths = np.diff(enc.offsets)
+    supervised = enc.supervised.tolist()
+    for (_, conv, source, _), n_tokens, n_supervised in zip(rows, lengths.tolist(), supervised):
         for bucket in (stats.by_source[source], stats.by_condition[conv.condition]):
-            bucket.update(rows=1, tokens=len(tc.input_ids), supervised_tokens=supervised)
-    return BatchResult(pa.table(cols, schema=schema), quarantined, stats)
+            bucket.update(rows=1, tokens=n_tokens, supervised_tokens=n_supervised)
+    stats.written = len(rows)
+    stats.truncated = int(enc.truncated.sum())
+    stats.tokens = int(lengths.sum())
+    stats.supervised_tokens = int(sum(supervised))
+    table = pa.Table.from_arrays(
+        [
+            pa.array([rid for _, _, _, rid in rows], pa.string()),
+            pa.array([source for _, _, source, _ in rows], pa.string()),
+            pa.array([conv.condition for _, conv, _, _ in rows], pa.string()),
+            pa.array([files[i] for i, _, _, _ in rows], pa.string()),
+            pa.array([int(indices[i]) for i, _, _, _ in rows], pa.int64()),
+            pa.ListArray.from_arrays(enc.offsets, enc.input_ids),
+            pa.ListArray.from_arrays(enc.offsets, enc.weights),
+            pa.array(lengths.astype(np.int32)),
+            pa.array(enc.total_weight.astype(np.float32)),
+        ],
+        schema=schema,
+    )
+    return BatchResult(table, quarantined, stats)
 
 
 def batch_key(files: Sequence[str], indices: Sequence[int]) -> str:

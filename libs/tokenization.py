@@ -6,12 +6,15 @@ the ``mistral-common`` wheel, plus OpenChat's two special tokens — no network 
 
 from __future__ import annotations
 
+import array
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
+
+import numpy as np
 
 from libs.schema import Conversation, DroppedRow
 from libs.templates import ChatTemplate, Segment
@@ -44,11 +47,10 @@ def embedded_tokenizer_file() -> Path:
 
 
 def _embedded_cache_dir() -> Path:
-    import mistral_common
-    import transformers
+    from importlib.metadata import version  # not ``import transformers``: that alone takes ~0.7 s
 
     root = Path(os.environ.get("RAYCHAT_CACHE", Path(tempfile.gettempdir()) / "raychat"))
-    return root / "tokenizers" / f"embedded-mc{mistral_common.__version__}-tf{transformers.__version__}"
+    return root / "tokenizers" / f"embedded-mc{version('mistral-common')}-tf{version('transformers')}"
 
 
 def build_embedded_tokenizer():
@@ -206,6 +208,27 @@ def load_data_encoder(path: str | os.PathLike | None) -> TextEncoder:
     return RustEncoder(path)
 
 
+_TEXT_KINDS = frozenset(("content", "system"))
+
+
+@dataclass
+class EncodedBatch:
+    """Many tokenized conversations as flat arrays (what the data stage writes as Arrow lists).
+
+    Row ``k`` (conversation ``rows[k]`` of the input) is ``input_ids[offsets[k]:offsets[k + 1]]``
+    with the same slice of ``weights``; ``weights[t]`` weighs predicting ``input_ids[t]`` (unshifted).
+    """
+
+    rows: np.ndarray  # input positions of the kept rows
+    dropped: list[tuple[int, DroppedRow]]  # input positions left out, and why
+    input_ids: np.ndarray  # int32
+    weights: np.ndarray  # float32
+    offsets: np.ndarray  # int32, len(rows) + 1
+    truncated: np.ndarray  # bool per kept row
+    total_weight: np.ndarray  # float64 per kept row
+    supervised: np.ndarray  # tokens with weight > 0 per kept row
+
+
 @dataclass
 class TokenizedConversation:
     """Token ids with unshifted weights: ``weights[t]`` weighs predicting ``input_ids[t]``."""
@@ -250,27 +273,76 @@ class ConversationTokenizer:
     def _encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
         return self.encoder.encode_plain(texts) if texts else []
 
-    def encode_segments(self, segment_lists: Sequence[list[Segment]]) -> list[tuple[list[int], list[float]]]:
-        """Tokenizes many segment lists with one batched tokenizer call for all user text."""
-        texts = [s.text for segs in segment_lists for s in segs if s.kind in ("content", "system")]
-        encoded = iter(self._encode_texts(texts))
-        out = []
+    def _render(self, segment_lists: Sequence[list[Segment]]) -> tuple[list[int], list[float], list[int], list[int]]:
+        """Tokenizes segment lists with one batched call for all user text.
+
+        Returns the ids of all lists back to back, then one ``(weight, length)`` run per segment
+        and the number of runs and tokens of each list — weights stay run-length encoded.
+        """
+        texts = [s.text for segs in segment_lists for s in segs if s.kind in _TEXT_KINDS]
+        encoded = iter(self.encoder.encode_plain(texts) if texts else ())
+        bos, eot, prefix = [self.bos_id], self.eot_ids, self._prefix_ids
+        ids: list[int] = []
+        run_w: list[float] = []
+        run_len: list[int] = []
+        row_len: list[int] = []
         for segs in segment_lists:
-            ids: list[int] = []
-            weights: list[float] = []
-            for s in segs:
-                if s.kind == "bos":
-                    piece = [self.bos_id]
-                elif s.kind == "eot":
-                    piece = self.eot_ids
-                elif s.kind == "prefix":
-                    piece = self._prefix_ids(s.text)
-                else:
-                    piece = next(encoded)
+            start = len(ids)
+            for kind, text, weight in segs:
+                piece = next(encoded) if kind in _TEXT_KINDS else eot if kind == "eot" else bos if kind == "bos" else prefix(text)
                 ids += piece
-                weights += [s.weight] * len(piece)
-            out.append((ids, weights))
-        return out
+                run_w.append(weight)
+                run_len.append(len(piece))
+            row_len.append(len(ids) - start)
+        return ids, run_w, run_len, row_len
+
+    def encode_batch(self, convs: Sequence[Conversation]) -> EncodedBatch:
+        """Tokenizes, truncates and trims many conversations at once into flat arrays.
+
+        Each row is cut to ``max_length`` and loses its trailing zero-weight tokens; a row with
+        nothing weighing more than 0 left is dropped (``no_supervised_tokens``).
+        """
+        segment_lists = [self.conversation_segments(c) for c in convs]
+        ids, run_w, run_len, row_len = self._render(segment_lists)
+        n = len(segment_lists)
+        runs_per_row = np.fromiter((len(s) for s in segment_lists), dtype=np.int64, count=n)
+        w = np.asarray(run_w, dtype=np.float64)
+        length = np.asarray(run_len, dtype=np.int64)
+        lengths = np.asarray(row_len, dtype=np.int64)
+        row_of_run = np.repeat(np.arange(n), runs_per_row)
+        row_start = np.cumsum(lengths) - lengths
+        run_end = np.cumsum(length) - row_start[row_of_run]  # within its row
+        run_start = run_end - length
+        # A row ends after its last weighted token that fits in max_length.
+        fits = (w > 0) & (length > 0) & (run_start < self.max_length)
+        candidate = np.where(fits, np.minimum(run_end, self.max_length), 0)
+        ends = np.zeros(n, dtype=np.int64)
+        np.maximum.at(ends, row_of_run, candidate)
+        keep = ends > 0
+        # Token t of row r survives when its position in the row is below ends[r].
+        pos = np.arange(len(ids)) - np.repeat(row_start, lengths)
+        mask = pos < np.repeat(ends, lengths)
+        all_ids = np.frombuffer(array.array("i", ids), dtype=np.int32) if ids else np.zeros(0, np.int32)
+        all_weights = np.repeat(w.astype(np.float32), length)
+        kept_len = ends[keep]
+        offsets = np.zeros(len(kept_len) + 1, dtype=np.int32)
+        np.cumsum(kept_len, out=offsets[1:])
+        weights = all_weights[mask]
+        starts = offsets[:-1]
+        return EncodedBatch(
+            rows=np.flatnonzero(keep),
+            dropped=[(int(i), self._drop_reason(int(lengths[i]))) for i in np.flatnonzero(~keep)],
+            input_ids=all_ids[mask],
+            weights=weights,
+            offsets=offsets,
+            truncated=lengths[keep] > self.max_length,
+            total_weight=np.add.reduceat(weights.astype(np.float64), starts) if len(starts) else np.zeros(0),
+            supervised=np.add.reduceat((weights != 0).astype(np.int64), starts) if len(starts) else np.zeros(0, np.int64),
+        )
+
+    def _drop_reason(self, length: int) -> DroppedRow:
+        why = "after truncation to %d tokens" % self.max_length if length > self.max_length else "(all weights are 0)"
+        return DroppedRow("no_supervised_tokens", f"no token with weight > 0 {why}")
 
     def conversation_segments(self, conv: Conversation) -> list[Segment]:
         return self.template.segments(
@@ -279,26 +351,16 @@ class ConversationTokenizer:
             system=conv.system,
         )
 
-    def finalize(self, ids: list[int], weights: list[float]) -> TokenizedConversation:
-        """Truncates to ``max_length`` and trims trailing zero-weight tokens.
+    def encode(self, conv: Conversation) -> TokenizedConversation:
+        """Tokenizes one conversation for training.
 
         Raises:
             DroppedRow: ``no_supervised_tokens`` when nothing weighs more than 0 after truncation.
         """
-        truncated = len(ids) > self.max_length
-        ids, weights = ids[: self.max_length], weights[: self.max_length]
-        end = len(weights)
-        while end and weights[end - 1] == 0.0:
-            end -= 1
-        if end == 0:
-            why = "after truncation to %d tokens" % self.max_length if truncated else "(all weights are 0)"
-            raise DroppedRow("no_supervised_tokens", f"no token with weight > 0 {why}")
-        return TokenizedConversation(ids[:end], weights[:end], truncated)
-
-    def encode(self, conv: Conversation) -> TokenizedConversation:
-        """Tokenizes one conversation for training."""
-        ((ids, weights),) = self.encode_segments([self.conversation_segments(conv)])
-        return self.finalize(ids, weights)
+        b = self.encode_batch([conv])
+        if b.dropped:
+            raise b.dropped[0][1]
+        return TokenizedConversation(b.input_ids.tolist(), b.weights.tolist(), bool(b.truncated[0]))
 
     def encode_prompt(
         self, messages: list[tuple[str, str]], condition: str | None = None, system: str = ""
@@ -310,8 +372,7 @@ class ConversationTokenizer:
             system=system,
             add_generation_prompt=True,
         )
-        ((ids, _),) = self.encode_segments([segs])
-        return ids
+        return self._render([segs])[0]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

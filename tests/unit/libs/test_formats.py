@@ -83,6 +83,8 @@ def test_conversation_may_start_with_assistant():
     ({"conversations": [{"from": "human"}, {"from": "gpt", "value": "a"}]}, "missing_field"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}, {"role": "assistant", "content": "a"}]}, "unsupported_content"),
     ({"items": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": -1}]}, "invalid_field"),
+    ({"items": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": float("nan")}]}, "invalid_field"),
+    ({"items": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": float("inf")}]}, "invalid_field"),
 ])
 def test_bad_rows_are_rejected_with_countable_reason(obj, reason):
     with pytest.raises(InvalidRow) as e:
