@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import resource
 import sys
@@ -39,6 +40,7 @@ from libs.pretokenize import (
     Stats,
     StrictModeError,
     batch_key,
+    plan_tokenizer_pool,
     process_records,
 )
 from libs.report import format_table
@@ -102,11 +104,13 @@ class Ledger:
 class TokenizeBatch:
     """Ray Data actor: one tokenizer; turns a batch of raw records into rows and quarantine files."""
 
-    def __init__(self, cfg: dict, ledger, schema_metadata: bytes):
+    def __init__(self, cfg: dict, ledger, schema_metadata: bytes, threads: int):
+        # Before the tokenizers library starts its thread pool (the actor has its own process).
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+        c = PretokenizeConfig.model_validate(cfg)
         from libs.templates import get_template
         from libs.tokenization import ConversationTokenizer, load_data_encoder
 
-        c = PretokenizeConfig.model_validate(cfg)
         local = storage.local_or_download(c.tokenizer, "/tmp/raychat/tokenizers") if c.tokenizer else None
         template = get_template(c.template)
         self.ct = ConversationTokenizer(load_data_encoder(local), template, c.max_length)
@@ -184,14 +188,15 @@ def run(cfg: PretokenizeConfig) -> dict:
         raise SystemExit(f"--input: {e}") from None
     meta = data_metadata(cfg)
     log.info("%d input file(s), template %s, max length %d", len(files), cfg.template, meta["max_length"])
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    actors = cfg.num_actors or max(1, cpus)
-    if actors > cpus:
-        log.warning("--num-actors %d > %d CPUs in the cluster: the extra actors wait for CPUs to join", actors, cpus)
+    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    pool = plan_tokenizer_pool(node_cpus, cfg.tokenizer_threads, cfg.num_actors, reserved=2 * READ_CPUS)
+    cpus = int(sum(node_cpus))
+    if pool.actors > pool.fits:
+        log.warning("--num-actors %d: only %d fit on the cluster's nodes now; the others wait for nodes to join", pool.actors, pool.fits)
     ledger = Ledger.remote()
     out_fs, out_path = storage.resolve(cfg.output)
     # Reading is light (scanning JSON); a small CPU reservation keeps read tasks schedulable while
-    # the tokenizer actors hold a CPU each — with whole CPUs the reads would wait on the actors forever.
+    # the tokenizer actors hold most of each node — with whole CPUs the reads would wait on the actors forever.
     # Emit read blocks every ~16 MiB (not Ray Data's 128 MiB) so tokenizing starts while files are read.
     ctx = ray.data.DataContext.get_current()
     ctx.target_max_block_size = min(ctx.target_max_block_size or READ_BLOCK_BYTES, READ_BLOCK_BYTES)
@@ -200,11 +205,12 @@ def run(cfg: PretokenizeConfig) -> dict:
     )
     rows = records.map_batches(
         TokenizeBatch,
-        fn_constructor_kwargs={"cfg": cfg.model_dump(), "ledger": ledger, "schema_metadata": json.dumps(meta).encode()},
+        fn_constructor_kwargs={"cfg": cfg.model_dump(), "ledger": ledger, "schema_metadata": json.dumps(meta).encode(),
+                               "threads": pool.threads},
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=1 - READ_CPUS,
+        compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        num_cpus=pool.cpus_per_actor,
     )
     try:
         rows.write_parquet(
@@ -230,6 +236,8 @@ def run(cfg: PretokenizeConfig) -> dict:
         output=cfg.output,
         parquet_files=len(parquet_files),
         quarantine=storage.join(cfg.output, QUARANTINE_DIR),
+        tokenizer_actors=pool.actors,
+        tokenizer_threads=pool.threads,
         metadata=meta,
         wall_time_s=round(time.time() - t0, 2),
         # Peak RSS of this driver process: bounded by design (rows stream through Ray Data).
@@ -257,6 +265,7 @@ def summary_table(report: dict) -> str:
         *[(f"source {k}: rows / tokens", f"{v['rows']:,} / {v['tokens']:,}") for k, v in report["by_source"].items()],
         *[(f"condition {k!r}: rows", v["rows"]) for k, v in report["by_condition"].items()],
         ("parquet files", report["parquet_files"]),
+        ("tokenizer actors × threads", f"{report['tokenizer_actors']} × {report['tokenizer_threads']}"),
         ("wall time (s)", report["wall_time_s"]),
         ("driver peak RSS (MB)", report["driver_peak_rss_mb"]),
         ("output", report["output"]),

@@ -67,7 +67,14 @@ class PretokenizeConfig(_Config):
     dedupe: bool = Field(default=True, description="Drop exact duplicate conversations (same system, roles and contents).")
     strict: bool = Field(default=False, description="Fail on the first bad row (naming file, record index and reason) instead of quarantining.")
     batch_size: int = Field(default=512, gt=0, description="Rows per tokenizer batch (Ray Data map_batches).")
-    num_actors: int | None = Field(default=None, gt=0, description="Tokenizer actors (one tokenizer each); unset = the cluster's CPUs.")
+    num_actors: int | None = Field(
+        default=None, gt=0, description="Tokenizer actors (one tokenizer each); unset = the cluster's CPUs / tokenizer_threads."
+    )
+    tokenizer_threads: int = Field(
+        default=2, gt=0,
+        description="Threads of each actor's Rust tokenizer (it encodes a batch in parallel while the actor's Python "
+        "work is serial); each actor reserves about this many CPUs.",
+    )
     rows_per_file: int = Field(default=8192, gt=0, description="Target rows per parquet shard (shards are written as rows stream in).")
 
     @field_validator("template")

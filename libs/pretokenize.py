@@ -215,3 +215,38 @@ def batch_key(files: Sequence[str], indices: Sequence[int]) -> str:
     for f, i in zip(files, indices):
         h.update(f"{f}\0{i}\n".encode("utf-8", "surrogatepass"))
     return h.hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class TokenizerPool:
+    """How many tokenizer actors the data stage runs and what each reserves."""
+
+    actors: int
+    cpus_per_actor: float
+    threads: int  # Rust tokenizer threads per actor
+    fits: int  # actors the nodes can hold at once
+
+
+def plan_tokenizer_pool(node_cpus: Sequence[float], threads: int, num_actors: int | None = None, reserved: float = 0.2) -> TokenizerPool:
+    """Sizes the tokenizer actor pool from the CPUs of each node.
+
+    An actor encodes each batch with ``threads`` Rust threads, while its own row logic (JSON,
+    validation, template) is serial; one actor per ``threads`` CPUs keeps every core busy without
+    oversubscribing them (one actor per CPU, each with a thread per CPU, measured 1.2x slower on
+    2 CPUs). Each actor reserves ``threads - reserved`` CPUs, so ``reserved`` CPUs of every node
+    stay free for the light read and write tasks.
+
+    Args:
+        node_cpus: CPUs of each alive node (nodes without CPUs, e.g. a KubeRay head with
+            ``num-cpus: 0``, are ignored).
+        threads: Rust tokenizer threads per actor (capped by the smallest node).
+        num_actors: An explicit pool size; unset = as many as the nodes hold.
+        reserved: CPUs per node kept for read/write tasks.
+    """
+    cpus = [int(c) for c in node_cpus if c >= 1]
+    if not cpus:
+        return TokenizerPool(actors=num_actors or 1, cpus_per_actor=round(max(0.1, 1 - reserved), 3), threads=1, fits=0)
+    threads = max(1, min(threads, min(cpus)))
+    cpus_per_actor = round(threads - reserved, 3)  # logical reservation; the threads use the whole node
+    fits = sum(int((c - reserved) / cpus_per_actor + 1e-9) for c in cpus)
+    return TokenizerPool(actors=num_actors or max(1, fits), cpus_per_actor=cpus_per_actor, threads=threads, fits=fits)

@@ -85,3 +85,22 @@ def test_strict_fails_on_first_bad_row_naming_file_index_reason(ct):
     with pytest.raises(StrictModeError, match=r"f.jsonl record 1: unknown_role"):
         run(ct, [sharegpt("q", "a"), '{"conversations": [{"from": "wizard", "value": "x"}]}'],
             policy=RowPolicy(RULES, strict=True))
+
+
+def test_tokenizer_pool_uses_one_actor_per_thread_group_on_each_node():
+    from libs.pretokenize import plan_tokenizer_pool
+
+    two = plan_tokenizer_pool([2.0], threads=2, reserved=0.2)
+    assert (two.actors, two.threads, two.cpus_per_actor) == (1, 2, 1.8)
+    big = plan_tokenizer_pool([0.0, 16.0, 16.0], threads=2, reserved=0.2)  # a CPU-less head is ignored
+    assert big.actors == 16 and big.fits == 16
+    assert big.actors * big.cpus_per_actor <= 32 - 2 * 0.2  # read/write tasks keep room on every node
+
+
+def test_tokenizer_pool_caps_threads_at_the_smallest_node_so_every_actor_fits():
+    from libs.pretokenize import plan_tokenizer_pool
+
+    pool = plan_tokenizer_pool([1.0, 1.0], threads=2, reserved=0.2)
+    assert pool.threads == 1 and pool.cpus_per_actor <= 0.8 and pool.actors == 2
+    explicit = plan_tokenizer_pool([2.0], threads=1, num_actors=5, reserved=0.2)
+    assert explicit.actors == 5 and explicit.fits == 2  # the job warns that 3 must wait
