@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from libs.metrics import MetricSpec, prometheus_name
+
 ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = sorted(p.name for p in (ROOT / "k8s" / "overlays").iterdir() if p.is_dir())
 
@@ -42,3 +44,11 @@ def pod_templates(docs: list[dict]) -> dict[str, dict]:
         for group in spec.get("workerGroupSpecs", []):
             out[f"{where}/{group['groupName']}"] = group["template"]
     return out
+
+
+def exported_series(spec: MetricSpec) -> set[str]:
+    """The series Ray's Prometheus exporter writes for ``spec`` (checked on a live head by
+    tests/integration/test_job_submit.py::test_metrics_export_uses_the_names_the_dashboards_plot)."""
+    base = prometheus_name(spec)
+    return {"counter": {f"{base}_total"}, "gauge": {base},
+            "histogram": {f"{base}_bucket", f"{base}_sum", f"{base}_count"}}[spec.kind]

@@ -9,8 +9,8 @@ import re
 import pytest
 import yaml
 
-from libs.metrics import ALL_METRICS, SERVE_METRICS, TRAIN_METRICS, MetricSpec, prometheus_name
-from tests.cluster.conftest import ROOT
+from libs.metrics import ALL_METRICS, SERVE_METRICS, TRAIN_METRICS
+from tests.cluster.conftest import ROOT, exported_series
 
 DASHBOARDS = sorted((ROOT / "cluster" / "grafana").glob("*.json"))
 # Ray's own metrics the dashboards use (names as in Ray's bundled Grafana dashboards).
@@ -23,14 +23,6 @@ RAY_BUILTIN = {
 # PromQL words that look like metric names but are functions, keywords or label names.
 _NOT_METRICS = {"sum", "rate", "avg", "by", "le", "histogram_quantile", "label_values", "model", "run", "route",
                 "status", "deployment", "instance", "application"}
-
-
-def exported_series(spec: MetricSpec) -> set[str]:
-    """The series Ray's Prometheus exporter writes for ``spec`` (checked on a live head by
-    tests/integration/test_job_submit.py::test_metrics_export_uses_the_names_the_dashboards_plot)."""
-    base = prometheus_name(spec)
-    return {"counter": {f"{base}_total"}, "gauge": {base},
-            "histogram": {f"{base}_bucket", f"{base}_sum", f"{base}_count"}}[spec.kind]
 
 
 def exprs(dashboard: dict) -> list[str]:
