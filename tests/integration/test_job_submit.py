@@ -173,3 +173,31 @@ def test_metrics_export_uses_the_names_the_dashboards_plot(ray_head):
     names = set(json.loads(result.stdout.split("NAMES ", 1)[1]))
     expected = set().union(*(exported_series(get(n)) for n in ("raychat_requests", "raychat_time_to_first_token_seconds", "raychat_queue_length")))
     assert names == expected
+
+
+def test_rayservice_serve_config_deploys_and_answers(ray_head, tiny_model_dir):
+    """The cpu-dev RayService's serveConfigV2, deployed as KubeRay does (the dashboard's Serve REST
+    API), with only the checkpoint (a tiny local model) and the HTTP port (a free one) swapped."""
+    import yaml
+
+    from cluster.kustomize import render
+
+    (service,) = [d for d in render(ROOT / "k8s" / "overlays" / "cpu-dev") if d["kind"] == "RayService"]
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    config["applications"][0]["args"]["checkpoint"] = str(tiny_model_dir)
+    port = free_port()
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    headers = {"Authorization": f"Bearer {ray_head.env['RAY_AUTH_TOKEN']}", "Content-Type": "application/json"}
+    request = urllib.request.Request(f"{ray_head.dashboard}/api/serve/applications/", data=json.dumps(config).encode(),
+                                     headers=headers, method="PUT")
+    urllib.request.urlopen(request, timeout=30).close()
+
+    deadline = time.monotonic() + 240
+    while (app := ray_head.api("/api/serve/applications/")["applications"].get("raychat", {})).get("status") != "RUNNING":
+        assert app.get("status") not in ("DEPLOY_FAILED", "UNHEALTHY"), app.get("message")
+        assert time.monotonic() < deadline, app
+        time.sleep(2)
+    engine = app["deployments"]["LLMEngine"]["deployment_config"]
+    assert engine["autoscaling_config"]["min_replicas"] == 1 and engine["autoscaling_config"]["max_replicas"] == 2
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30) as response:
+        assert [m["id"] for m in json.load(response)["data"]] == ["tiny"]
