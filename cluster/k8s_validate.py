@@ -33,6 +33,14 @@ _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 _OBJECT_META_KEYS = {"name", "namespace", "labels", "annotations", "finalizers", "generateName"}
+_TYPE_CHECKS = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+}
 
 
 def load_crd_schemas(crd_dir: str | Path = DEFAULT_CRDS, version: str = "v1") -> dict[tuple[str, str], dict]:
@@ -79,18 +87,10 @@ def _check(value: Any, schema: dict, path: str, errors: list[str]) -> None:
             errors.append(f"{where}: matches none of {[o.get('type') for o in schema['anyOf']]}")
             return
     kind = schema.get("type")
-    checks = {
-        "object": lambda v: isinstance(v, dict),
-        "array": lambda v: isinstance(v, list),
-        "string": lambda v: isinstance(v, str),
-        "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        "boolean": lambda v: isinstance(v, bool),
-    }
     if kind is None:
         if schema.get("x-kubernetes-preserve-unknown-fields"):
             return
-    elif not checks[kind](value):
+    elif not _TYPE_CHECKS[kind](value):
         errors.append(f"{where}: expected {kind}, got {_type_name(value)} {value!r}")
         return
     if "enum" in schema and value not in schema["enum"]:
