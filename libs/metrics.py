@@ -60,8 +60,9 @@ ALL_METRICS: tuple[MetricSpec, ...] = SERVE_METRICS + TRAIN_METRICS
 
 
 def prometheus_name(spec: MetricSpec) -> str:
-    """The metric's base name in Prometheus (Ray prefixes ``ray_``; check suffixes such as
-    ``_total`` for counters and ``_bucket``/``_sum``/``_count`` for histograms on a live exporter)."""
+    """The metric's base name in Prometheus (Ray prefixes ``ray_``). Ray 2.60's exporter writes
+    counters as ``<base>_total``, histograms as ``<base>_bucket`` / ``_sum`` / ``_count`` and gauges
+    as ``<base>`` (checked on a live head by tests/integration/test_job_submit.py)."""
     return f"ray_{spec.name}"
 
 
