@@ -37,43 +37,51 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
 
 
-def sequential_baseline(checkpoint: str, n: int, max_tokens: int) -> dict:
+class Sequential:
     """Sequential generation in this process: one request at a time, no Ray, no HTTP."""
-    from libs.checkpoints import fetch_checkpoint, resolve_checkpoint
-    from libs.generation import ContinuousBatcher, SamplingParams
-    from libs.model import load_causal_lm
-    from libs.templates import get_template
-    from libs.tokenization import ConversationTokenizer
 
-    local = fetch_checkpoint(resolve_checkpoint(checkpoint).uri, "/tmp/raychat/models")
-    model, tok = load_causal_lm(local)
-    ct = ConversationTokenizer(tok, get_template("openchat_3.5"))
-    b = ContinuousBatcher(model, stop_ids=[ct.eot_id, tok.eos_token_id], pad_id=tok.pad_token_id or 0,
-                          max_context=int(model.config.max_position_embeddings), max_batch_size=1)
-    sp = SamplingParams(max_tokens=max_tokens, temperature=0)
-    prompts = [ct.encode_prompt([("user", QUESTIONS[i % len(QUESTIONS)])]) for i in range(n)]
-    b.submit("warmup", prompts[0], sp)
-    while b.has_work():
-        b.step()
-    lat, ttft, tokens = [], [], 0
-    t0 = time.perf_counter()
-    for i, p in enumerate(prompts):
-        t = time.perf_counter()
-        b.submit(i, p, sp)
-        first = None
-        while b.has_work():
-            for _, s in b.step():
-                if first is None:
-                    first = time.perf_counter() - t
-                tokens += s.token_id is not None
-        lat.append(time.perf_counter() - t)
-        ttft.append(first)
-    wall = time.perf_counter() - t0
-    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "lat": lat, "ttft": ttft}
+    def __init__(self, checkpoint: str, threads: int):
+        import torch
+
+        from libs.checkpoints import fetch_checkpoint, resolve_checkpoint
+        from libs.generation import ContinuousBatcher
+        from libs.model import load_causal_lm
+        from libs.templates import get_template
+        from libs.tokenization import ConversationTokenizer
+
+        torch.set_num_threads(threads)  # what the engine replica gets (Ray sets OMP_NUM_THREADS = num_cpus)
+        local = fetch_checkpoint(resolve_checkpoint(checkpoint).uri, "/tmp/raychat/models")
+        model, tok = load_causal_lm(local)
+        self.ct = ConversationTokenizer(tok, get_template("openchat_3.5"))
+        self.b = ContinuousBatcher(model, stop_ids=[self.ct.eot_id, tok.eos_token_id], pad_id=tok.pad_token_id or 0,
+                                   max_context=int(model.config.max_position_embeddings), max_batch_size=1)
+
+    def run(self, n: int, max_tokens: int) -> dict:
+        from libs.generation import SamplingParams
+
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0)
+        prompts = [self.ct.encode_prompt([("user", QUESTIONS[i % len(QUESTIONS)])]) for i in range(n)]
+        lat, ttft, tokens = [], [], 0
+        t0 = time.perf_counter()
+        for i, p in enumerate(prompts):
+            t = time.perf_counter()
+            self.b.submit(i, p, sp)
+            first = None
+            while self.b.has_work():
+                for _, s in self.b.step():
+                    if first is None:
+                        first = time.perf_counter() - t
+                    tokens += s.token_id is not None
+            lat.append(time.perf_counter() - t)
+            ttft.append(first)
+        wall = time.perf_counter() - t0
+        return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "lat": lat, "ttft": ttft}
 
 
-async def drive(url: str, key: str, model: str, concurrency: int, n: int, max_tokens: int, time_cap: float) -> dict:
-    """``n`` streamed chat completions, ``concurrency`` at a time; stops starting new ones after ``time_cap``."""
+async def drive(url: str, key: str, model: str, concurrency: int, n: int, max_tokens: int, time_cap: float,
+                stream: bool = True) -> dict:
+    """``n`` chat completions, ``concurrency`` at a time; stops starting new ones after ``time_cap``.
+    Streamed ones give the time to the first content chunk (TTFT)."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0, timeout=300)
@@ -88,11 +96,18 @@ async def drive(url: str, key: str, model: str, concurrency: int, n: int, max_to
                 return
             t = time.perf_counter()
             first = None
+            messages = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
             try:
-                stream = await client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-                    max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True})
-                async for chunk in stream:
+                if not stream:
+                    r = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                                             temperature=0)
+                    tokens += r.usage.completion_tokens
+                    lat.append(time.perf_counter() - t)
+                    return
+                chunks = await client.chat.completions.create(
+                    model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+                    stream_options={"include_usage": True})
+                async for chunk in chunks:
                     if first is None and chunk.choices and chunk.choices[0].delta.content:
                         first = time.perf_counter() - t
                     if chunk.usage:
@@ -115,8 +130,8 @@ def summarise(runs: list[dict]) -> dict:
         "tok_s": med(r["tok_s"] for r in runs),
         "p50_latency_ms": med(percentile(r["lat"], 50) for r in runs) * 1e3,
         "p99_latency_ms": med(percentile(r["lat"], 99) for r in runs) * 1e3,
-        "p50_ttft_ms": med(percentile(r["ttft"], 50) for r in runs) * 1e3,
-        "p99_ttft_ms": med(percentile(r["ttft"], 99) for r in runs) * 1e3,
+        "p50_ttft_ms": med(percentile(r["ttft"], 50) for r in runs) * 1e3 if runs[0]["ttft"] else None,
+        "p99_ttft_ms": med(percentile(r["ttft"], 99) for r in runs) * 1e3 if runs[0]["ttft"] else None,
         "requests": med(len(r["lat"]) for r in runs),
         "errors": sum(r.get("errors", 0) for r in runs),
     }
@@ -146,9 +161,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="raychat-bench-"))
     checkpoint = args.checkpoint or str(create_embedded_base_model(tmp / "tiny"))
-    n_seq = max(16, args.requests or 16)
-    seq = summarise([sequential_baseline(checkpoint, n_seq, args.max_tokens) for _ in range(args.repeats)])
-    print(f"sequential in-process: {seq['tok_s']:.0f} tok/s, p50 TTFT {seq['p50_ttft_ms']:.1f} ms", flush=True)
+    seq = Sequential(checkpoint, threads=max(1, int(args.num_cpus)))
+    seq.run(2, 8)  # warm-up
 
     key = "sk-bench"
     (tmp / "keys").write_text(key + "\n")
@@ -161,30 +175,39 @@ def main(argv: list[str] | None = None) -> int:
                          "max_queued_requests": -1}), name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1"
     asyncio.run(drive(url, key, "bench", 4, 8, 8, 30))  # warm-up
-    results = {}
-    for c in levels:
-        n = args.requests or max(16, 4 * c)
-        runs = [asyncio.run(drive(url, key, "bench", c, n, args.max_tokens, args.time_cap)) for _ in range(args.repeats)]
-        results[c] = summarise(runs)
-        r = results[c]
-        print(f"concurrency {c:>3}: {r['tok_s']:.0f} tok/s ({r['tok_s'] / seq['tok_s']:.1f}x sequential), "
-              f"p50/p99 latency {r['p50_latency_ms']:.0f}/{r['p99_latency_ms']:.0f} ms, "
-              f"p50/p99 TTFT {r['p50_ttft_ms']:.1f}/{r['p99_ttft_ms']:.1f} ms, errors {r['errors']}", flush=True)
+    # Sequential and Serve runs alternate, so both see the same background load on a shared machine.
+    seq_runs, serve_runs = [], {(c, st): [] for c in levels for st in (True, False)}
+    for rep in range(args.repeats):
+        seq_runs.append(seq.run(args.requests or 16, args.max_tokens))
+        print(f"[{rep + 1}/{args.repeats}] sequential in-process: {seq_runs[-1]['tok_s']:.0f} tok/s", flush=True)
+        for c, st in serve_runs:
+            n = args.requests or max(16, 4 * c)
+            serve_runs[c, st].append(asyncio.run(drive(url, key, "bench", c, n, args.max_tokens, args.time_cap, st)))
+            r = serve_runs[c, st][-1]
+            print(f"[{rep + 1}/{args.repeats}] concurrency {c:>3} {'stream' if st else 'whole '}: {r['tok_s']:.0f} tok/s, "
+                  f"errors {r['errors']}", flush=True)
     serve.shutdown()
     ray.shutdown()
+    seq = summarise(seq_runs)
+    results = {k: summarise(runs) for k, runs in serve_runs.items()}
 
-    rows = [("sequential in-process", seq, 1.0)] + [(f"Serve, concurrency {c}", r, r["tok_s"] / seq["tok_s"])
-                                                    for c, r in results.items()]
+    def ms(x):
+        return "–" if x is None else f"{x:.1f}"
+
     print("\n| path | generated tok/s | vs sequential | p50 / p99 latency (ms) | p50 / p99 TTFT (ms) |")
     print("|---|---:|---:|---:|---:|")
-    for name, r, x in rows:
-        print(f"| {name} | {r['tok_s']:.0f} | {x:.1f}× | {r['p50_latency_ms']:.0f} / {r['p99_latency_ms']:.0f} | "
-              f"{r['p50_ttft_ms']:.1f} / {r['p99_ttft_ms']:.1f} |")
-    if 1 in results:
+    print(f"| sequential in-process | {seq['tok_s']:.0f} | 1.0× | {seq['p50_latency_ms']:.0f} / {seq['p99_latency_ms']:.0f} | "
+          f"{ms(seq['p50_ttft_ms'])} / {ms(seq['p99_ttft_ms'])} |")
+    for (c, st), r in results.items():
+        print(f"| Serve, concurrency {c}, {'streamed' if st else 'non-streamed'} | {r['tok_s']:.0f} | "
+              f"{r['tok_s'] / seq['tok_s']:.1f}× | {r['p50_latency_ms']:.0f} / {r['p99_latency_ms']:.0f} | "
+              f"{ms(r['p50_ttft_ms'])} / {ms(r['p99_ttft_ms'])} |")
+    if (1, True) in results:
         print(f"\nTTFT overhead of the Serve path at concurrency 1 (p50): "
-              f"{results[1]['p50_ttft_ms'] - seq['p50_ttft_ms']:.1f} ms")
+              f"{results[1, True]['p50_ttft_ms'] - seq['p50_ttft_ms']:.1f} ms")
     if args.json:
-        Path(args.json).write_text(json.dumps({"sequential": seq, "serve": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"sequential": seq, "serve": {f"{c}-{'stream' if st else 'whole'}": r
+                                                                            for (c, st), r in results.items()}}, indent=2))
     return 0
 
 

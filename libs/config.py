@@ -143,6 +143,8 @@ class ServeConfig(_Config):
     max_context: int | None = Field(default=None, gt=8, description="Prompt + completion token limit; unset = the model's max_position_embeddings.")
     default_max_tokens: int = Field(default=256, gt=0, description="max_tokens of a chat request that names none (completions: OpenAI's 16).")
     max_batch_size: int = Field(default=16, gt=0, description="Most requests in an engine replica's running batch (continuous batching); more wait.")
+    stream_interval_s: float = Field(
+        default=0.02, ge=0, description="Streaming: after the first token, send a stream's new text at most this often (0 = every step).")
     max_prefill_tokens: int = Field(default=8192, gt=0, description="Most prompt tokens prefilled between two decode steps (one request always is).")
     num_replicas: int | None = Field(default=None, gt=0, description="Fixed number of engine replicas; unset = autoscaling between min_replicas and max_replicas.")
     min_replicas: int = Field(default=1, ge=0, description="Autoscaling: fewest engine replicas.")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -71,6 +72,9 @@ class LLMEngine:
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
+        # The loop thread holds the GIL through each step's Python work; a short switch interval lets
+        # the replica's event loop hand tokens on (and take new requests) without waiting 5 ms for it.
+        sys.setswitchinterval(0.001)
         self._thread = threading.Thread(target=self._loop, name="raychat-batcher", daemon=True)
         self._thread.start()
         log.info("loaded %s (context %d, max batch %d)", self.ref.uri, self.max_context, self.cfg.max_batch_size)
@@ -84,30 +88,47 @@ class LLMEngine:
 
     # -- the loop thread -------------------------------------------------------------------------
     def _loop(self) -> None:
+        last_step = None
         while not self._stop.is_set():
             if not self.batcher.has_work():
+                last_step = None
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
             try:
                 events = self.batcher.step()
-            except Exception as e:  # a bug or OOM: fail the affected requests, keep serving
+                now = time.perf_counter()
+                self._record_step(events, None if last_step is None else now - last_step)
+                last_step = now if self.batcher.num_running else None
+                self._publish(events)
+            except Exception as e:  # a bug or OOM: fail the requests in flight, keep serving
                 log.exception("decode step failed")
+                last_step = None
                 for rid in list(self._streams):
                     self.batcher.abort(rid)
                     self._deliver(rid, e)
+
+    def _record_step(self, events: list, step_s: float | None) -> None:
+        # One observation per step: every request that got a token waited the same step time.
+        if step_s is not None and events:
+            self.metrics.inter_token_latency_seconds.observe(step_s)
+        self.metrics.batch_size.observe(len(events))  # requests that got a token from this step
+        tokens = sum(t.token_id is not None for _, t in events)
+        if tokens:
+            self.metrics.generated_tokens.inc(tokens)
+        self.metrics.running_requests.set(self.batcher.num_running)
+        self.metrics.queue_length.set(self.batcher.num_waiting)
+
+    def _publish(self, events: list) -> None:
+        """Turns each request's new token into text (stop strings applied) and hands it to its queue."""
+        for rid, tok in events:
+            st = self._streams.get(rid)
+            if st is None:
                 continue
-            self.metrics.batch_size.observe(len(events))  # requests that got a token from this step
-            self.metrics.running_requests.set(self.batcher.num_running)
-            self.metrics.queue_length.set(self.batcher.num_waiting)
-            for rid, tok in events:
-                st = self._streams.get(rid)
-                if st is None:
-                    continue
-                delta = st.text.push(tok)
-                if delta.finish_reason and tok.finish_reason is None:
-                    self.batcher.abort(rid)  # a stop string matched: leave the batch now
-                self._deliver(rid, delta)
+            delta = st.text.push(tok)
+            if delta.finish_reason and tok.finish_reason is None:
+                self.batcher.abort(rid)  # a stop string matched: leave the batch now
+            self._deliver(rid, delta)
 
     def _deliver(self, rid: str, item: TextDelta | Exception) -> None:
         st = self._streams.get(rid)
@@ -163,7 +184,7 @@ class LLMEngine:
         self.batcher.submit(rid, prompt, params)
         self._wake.set()
         self.metrics.prompt_tokens.inc(len(prompt))
-        finished, texts, produced, last_t = False, [], 0, None
+        finished, texts, produced = False, [], 0
         try:
             while not finished:
                 items = [await st.queue.get()]
@@ -172,23 +193,21 @@ class LLMEngine:
                 for it in items:
                     if isinstance(it, Exception):
                         raise RuntimeError(f"generation failed: {it}") from it
-                now, last = time.perf_counter(), items[-1]
-                new_tokens = last.completion_tokens - produced
-                if new_tokens > 0:
-                    if last_t is None:
-                        self.metrics.time_to_first_token_seconds.observe(now - st.started)
-                    else:
-                        self.metrics.inter_token_latency_seconds.observe((now - last_t) / new_tokens)
-                    self.metrics.generated_tokens.inc(new_tokens)
-                    last_t = now
+                last = items[-1]
+                if produced == 0 and last.completion_tokens > 0:
+                    self.metrics.time_to_first_token_seconds.observe(time.perf_counter() - st.started)
                 produced = last.completion_tokens
                 finished = last.finish_reason is not None
                 text = "".join(it.text for it in items)
-                if req.stream:
-                    yield EngineChunk(text=text, finish_reason=last.finish_reason, prompt_tokens=len(prompt),
-                                      completion_tokens=produced)
-                else:
+                if not req.stream:
                     texts.append(text)
+                    continue
+                yield EngineChunk(text=text, finish_reason=last.finish_reason, prompt_tokens=len(prompt),
+                                  completion_tokens=produced)
+                if not finished and self.cfg.stream_interval_s:
+                    # The first token goes out at once; later ones are grouped, so a replica sends at
+                    # most one message per stream per interval however fast it decodes.
+                    await asyncio.sleep(self.cfg.stream_interval_s)
             if not req.stream:
                 yield EngineChunk(text="".join(texts), finish_reason=last.finish_reason, prompt_tokens=len(prompt),
                                   completion_tokens=produced)
@@ -197,6 +216,13 @@ class LLMEngine:
             if not finished:  # the caller went away (disconnect, timeout): free the batch slot
                 self.batcher.abort(rid)
                 self._wake.set()
+
+    async def complete(self, req: EngineRequest) -> EngineChunk:
+        """A whole choice in one answer (non-streaming requests: a unary call is cheaper than a stream)."""
+        last = None
+        async for chunk in self.generate(req.model_copy(update={"stream": False})):
+            last = chunk
+        return last
 
     def info(self) -> dict:
         return {"checkpoint": self.ref.to_dict(), "max_context": self.max_context}

@@ -259,16 +259,20 @@ class OpenAIRouter:
         return await self._respond(req, choice_requests(bases, req.n), chat=False)
 
     # -- engine calls ------------------------------------------------------------------------------
-    async def _open(self, ereq: EngineRequest) -> "tuple[EngineChunk, object]":
-        """Starts one engine stream and waits for its first chunk.
+    async def _call(self, ereq: EngineRequest) -> "tuple[EngineChunk, object | None]":
+        """Sends one choice to the engine: a unary call for non-streaming requests (the whole
+        result), else a stream whose first chunk is awaited; returns ``(chunk, stream or None)``.
 
-        A replica that dies before answering is retried on another (nothing was sent yet, so no
-        text is lost or repeated); a full queue is 429.
+        A replica that dies before answering is retried on another (nothing was sent to the
+        client yet, so no text is lost or repeated); a full queue is 429.
         """
         for attempt in range(REPLICA_RETRIES + 1):
-            stream = self.engine.options(stream=True).generate.remote(ereq)
             try:
-                first = await stream.__anext__()
+                if ereq.stream:
+                    stream = self.engine.options(stream=True).generate.remote(ereq)
+                    first = await stream.__anext__()
+                else:
+                    stream, first = None, await self.engine.complete.remote(ereq)
             except BackPressureError:
                 raise APIError(429, "The server is busy (request queue full); retry later.", type_="rate_limit_error",
                                code="queue_full", headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
@@ -284,30 +288,12 @@ class OpenAIRouter:
             return first, stream
         raise AssertionError("unreachable")
 
-    async def _open_all(self, ereqs: list[EngineRequest]) -> list[tuple[EngineChunk, object]]:
-        return await _gather_or_cancel([self._open(e) for e in ereqs])
-
-    async def _whole(self, ereq: EngineRequest) -> EngineChunk:
-        """A non-streaming choice: the engine sends it as one chunk; a replica lost on the way is retried."""
-        for attempt in range(REPLICA_RETRIES + 1):
-            first, stream = await self._open(ereq)
-            try:
-                last = first
-                async for chunk in stream:  # only a finish-less first chunk is ever followed by more
-                    last = chunk.model_copy(update={"text": last.text + chunk.text})
-                return last
-            except _REPLICA_GONE:
-                if attempt == REPLICA_RETRIES:
-                    raise APIError(503, "The model replica failed; retry later.", type_="server_error",
-                                   code="replica_unavailable", headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
-        raise AssertionError("unreachable")
-
     async def _respond(self, req, ereqs: list[EngineRequest], chat: bool):
         n = req.n
         if req.stream:
-            opened = await self._open_all(ereqs)
+            opened = await _gather_or_cancel([self._call(e) for e in ereqs])
             return StreamingResponse(self._sse(req, opened, chat), media_type="text/event-stream")
-        results = await _gather_or_cancel([self._whole(e) for e in ereqs])
+        results = [r for r, _ in await _gather_or_cancel([self._call(e) for e in ereqs])]
         # Prompt tokens count once per prompt (its n choices share it), completion tokens per choice.
         usage = Usage.of(sum(r.prompt_tokens for r in results[::n]), sum(r.completion_tokens for r in results))
         if chat:
@@ -344,6 +330,8 @@ class OpenAIRouter:
                 if first.finish_reason is None:
                     async for chunk in stream:
                         await queue.put((index, chunk))
+                        if chunk.finish_reason:  # no need to wait for the end-of-stream message
+                            break
             except Exception as e:  # a replica died mid-stream: tell the client cleanly
                 await queue.put((index, e))
             finally:
