@@ -246,12 +246,17 @@ class ContinuousBatcher:
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> tuple[list[tuple[Hashable, StepToken]], list[int]]:
         """Samples one token per row; returns the outputs and the indices of rows that go on."""
         out, keep = [], []
+        greedy = logits.argmax(dim=-1).tolist()  # one op for every greedy row without penalties
         for i, r in enumerate(rows):
             if r.budget <= 0:
                 out.append((r.rid, StepToken(None, "length")))
                 continue
-            row_logits = apply_penalties(logits[i], r.counts, r.params.presence_penalty, r.params.frequency_penalty)
-            tok = sample_token(row_logits, r.params, r.gen)
+            p = r.params
+            if p.temperature <= 0 and not (r.counts and (p.presence_penalty or p.frequency_penalty)):
+                tok = greedy[i]
+            else:
+                row_logits = apply_penalties(logits[i], r.counts, p.presence_penalty, p.frequency_penalty)
+                tok = sample_token(row_logits, p, r.gen)
             if tok in self.stop_ids:
                 out.append((r.rid, StepToken(None, "stop")))
                 continue
@@ -327,8 +332,14 @@ class IncrementalDetokenizer:
         self.ids: list[int] = []
         self.prefix_offset = 0  # window start
         self.read_offset = 0  # ids before this are emitted
+        # A fast tokenizer's Rust decoder gives the same text ~10x faster than transformers' decode,
+        # which matters at two decodes per token per request (unless decode also cleans up spaces).
+        rust = getattr(tokenizer, "_tokenizer", None)
+        self._rust = rust if rust is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False) else None
 
     def _decode(self, ids: list[int]) -> str:
+        if self._rust is not None:
+            return self._rust.decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def push(self, token_id: int | None) -> str:
