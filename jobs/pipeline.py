@@ -75,7 +75,9 @@ def run(cfg: PipelineConfig) -> dict:
     t = time.time()
     model_id = "raychat-" + run_uri.rstrip("/").rsplit("/", 1)[-1]
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(ServeConfig(checkpoint=tr["checkpoint"], model_id=model_id).model_dump()), name="raychat", route_prefix="/")
+    # The local demo serves without API keys, by explicit choice; production configs set keys.
+    app = build_app(ServeConfig(checkpoint=tr["checkpoint"], model_id=model_id, allow_no_auth=True).model_dump())
+    serve.run(app, name="raychat", route_prefix="/")
     base_url = f"http://{cfg.host}:{cfg.port}/v1"
     stages["serve (deploy)"] = time.time() - t
 

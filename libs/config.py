@@ -139,20 +139,51 @@ class TrainConfig(_Config):
 class ServeConfig(_Config):
     """Serve a checkpoint behind an OpenAI-compatible API on Ray Serve."""
 
-    checkpoint: str = Field(description="HF model directory to serve: local path, file:// or s3:// URI.")
+    checkpoint: str = Field(
+        description="What to serve: an HF checkpoint directory, or a training run directory with manifest.json "
+                    "(then --checkpoint-select picks one); local path, file:// or s3:// URI.")
+    checkpoint_select: Literal["best", "latest"] = Field(
+        default="best", description="For a run directory: 'best' (lowest eval loss) or 'latest' checkpoint of its manifest.")
     model_id: str | None = Field(default=None, description="Model name in /v1/models; unset = the checkpoint's directory name.")
     template: str = Field(default="openchat_3.5", description=f"Chat template, one of {sorted(TEMPLATES)}.")
     default_condition: str | None = Field(default=None, description="C-RLFT condition for prompts; unset = the template's ('GPT4 Correct').")
     max_context: int | None = Field(default=None, gt=8, description="Prompt + completion token limit; unset = the model's max_position_embeddings.")
-    default_max_tokens: int = Field(default=128, gt=0, description="max_tokens when a request names none.")
-    max_batch_size: int = Field(default=8, gt=0, description="Most requests per batched forward pass (@serve.batch).")
-    batch_wait_timeout_s: float = Field(default=0.01, ge=0, description="How long a batch waits to fill.")
-    num_replicas: int = Field(default=1, gt=0, description="Engine replicas.")
+    default_max_tokens: int = Field(default=256, gt=0, description="max_tokens of a chat request that names none (completions: OpenAI's 16).")
+    max_batch_size: int = Field(default=16, gt=0, description="Most requests in an engine replica's running batch (continuous batching); more wait.")
+    stream_interval_s: float = Field(
+        default=0.02, ge=0, description="Streaming: after the first token, send a stream's new text at most this often (0 = every step).")
+    max_prefill_tokens: int = Field(default=8192, gt=0, description="Most prompt tokens prefilled between two decode steps (one request always is).")
+    num_replicas: int | None = Field(default=None, gt=0, description="Fixed number of engine replicas; unset = autoscaling between min_replicas and max_replicas.")
+    min_replicas: int = Field(default=1, ge=0, description="Autoscaling: fewest engine replicas.")
+    max_replicas: int = Field(default=4, gt=0, description="Autoscaling: most engine replicas.")
+    target_ongoing_requests: float = Field(default=12, gt=0, description="Autoscaling: ongoing requests per engine replica to aim for (about 3/4 of max_batch_size).")
+    autoscaling_overrides: dict = Field(
+        default_factory=dict, description="Any other Ray Serve autoscaling_config keys, e.g. {upscale_delay_s: 5, downscale_delay_s: 300}.")
+    max_ongoing_requests: int = Field(default=32, gt=0, description="Requests one engine replica accepts at once (running + waiting for a batch slot).")
+    max_queued_requests: int = Field(default=64, ge=-1, description="Requests queued per router replica when every engine replica is full; beyond it the answer is 429 (-1 = unbounded).")
+    retry_after_s: int = Field(default=1, ge=0, description="Retry-After (seconds) sent with 429/503 answers.")
+    request_timeout_s: float = Field(default=600, gt=0, description="Most time a request may take end to end before it is failed with 504.")
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs per engine replica.")
-    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per engine replica.")
-    cache_dir: str = Field(default="/tmp/raychat/models", description="Local cache for checkpoints downloaded from s3://.")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per engine replica (> 0: the model runs on CUDA).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Weights' dtype when serving; auto = bfloat16 on GPU, float32 on CPU.")
+    router_replicas: int = Field(default=1, gt=0, description="Replicas of the HTTP router (OpenAI ingress).")
+    router_max_ongoing_requests: int = Field(default=1024, gt=0, description="Requests one router replica handles at once (they mostly wait on engines).")
+    max_request_bytes: int = Field(default=4 << 20, gt=0, description="Largest request body accepted; bigger ones get 413.")
+    api_keys_env: str | None = Field(default="RAYCHAT_API_KEYS", description="Environment variable with comma-separated API keys (read by each router replica).")
+    api_keys_file: str | None = Field(default=None, description="File with one API key per line (e.g. a mounted Kubernetes secret).")
+    allow_no_auth: bool = Field(default=False, description="Serve without API keys (local demo only); otherwise starting with no key configured fails.")
+    cache_dir: str = Field(default="/tmp/raychat/models", description="Node-local cache for checkpoints downloaded from s3:// (one download per node, file-locked).")
     host: str = Field(default="127.0.0.1", description="HTTP host for `python -m serve` (serve run/deploy use their own).")
     port: int = Field(default=8000, gt=0, lt=65536, description="HTTP port for `python -m serve`.")
+
+    @model_validator(mode="after")
+    def _replica_bounds(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) < max_batch_size ({self.max_batch_size}): batches could never fill")
+        return self
 
 
 class PipelineConfig(_Config):

@@ -1,33 +1,49 @@
-"""Batched token generation with a KV cache, one decode step at a time (Ray-free).
+"""Iteration-level (continuous) batching over an HF causal LM with a KV cache (Ray-free).
 
-The serving engine drives :meth:`BatchGenerator.generate` step by step so that every
-request in a batch streams its tokens as they are produced; the same code runs in-process
-for benchmarks and on a GPU machine without Ray.
+:class:`ContinuousBatcher` keeps one running batch: between two decode steps, waiting requests
+are prefilled and join it, and finished requests leave it, so a request never waits for a
+whole batch to finish. The running batch is a left-padded ``DynamicCache`` plus a 2-D attention
+mask: every row's tokens are contiguous and end at the last column, so joining means padding
+the narrower cache on the left and concatenating rows, and leaving means selecting rows (and
+dropping columns that became padding everywhere).
+
+The same code runs in the Serve replica (driven step by step by a loop thread), in-process for
+benchmarks, and on a GPU machine without Ray. Text-level pieces live here too: the incremental
+detokenizer and the stop-string matcher (stop strings may span tokens; streamed text that could
+be the start of a stop string is held back until it is known not to be).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Hashable, Iterator, Sequence
 
 import torch
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens for one request.
+    """How to pick tokens for one request (OpenAI semantics).
 
     Attributes:
         max_tokens: most tokens to generate (the stop token is not counted).
         temperature: 0 means greedy; otherwise logits are divided by it.
         top_p: nucleus sampling mass (1.0 disables).
         seed: per-request RNG seed for reproducible sampling.
+        presence_penalty: subtracted once from the logit of every token already generated.
+        frequency_penalty: subtracted from a token's logit once per time it was generated.
+        stop: strings that end the completion; they are cut from the text (see :class:`StopStringMatcher`).
     """
 
     max_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -42,7 +58,19 @@ class StepToken:
     finish_reason: str | None = None
 
 
-def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
+def apply_penalties(logits: torch.Tensor, counts: dict[int, int], presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI presence/frequency penalties over the tokens generated so far (``counts``: id → times)."""
+    if not counts or (presence == 0 and frequency == 0):
+        return logits
+    ids = torch.tensor(list(counts), dtype=torch.long, device=logits.device)
+    n = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
+    logits = logits.clone()
+    logits[ids] -= presence + frequency * n
+    return logits
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
+    """Greedy (temperature 0) or temperature + nucleus sampling of one token from 1-D logits."""
     if params.temperature <= 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
@@ -55,118 +83,362 @@ def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator |
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-class BatchGenerator:
-    """Generates for a batch of prompts together, sharing every forward pass.
+@dataclass
+class _Row:
+    rid: Hashable
+    prompt_len: int
+    params: SamplingParams
+    budget: int
+    gen: torch.Generator | None
+    counts: dict[int, int] = field(default_factory=dict)
+    produced: int = 0
+    last_token: int = 0
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
+
+
+class ContinuousBatcher:
+    """An iteration-level scheduler: requests join the running batch between decode steps.
+
+    Thread safety: :meth:`submit` and :meth:`abort` may be called from any thread; :meth:`step`
+    from one thread at a time (the loop that owns the model).
 
     Args:
-        model: an HF causal LM (``MistralForCausalLM`` or any with KV-cache support).
+        model: an HF causal LM with ``DynamicCache`` support (plain, non-sliding cache layers).
         stop_ids: token ids that end a request (e.g. ``<|end_of_turn|>`` and EOS).
-        pad_id: id used for left padding.
+        pad_id: id fed for padding columns (masked out).
         max_context: prompt + generated tokens never exceed this.
+        max_batch_size: most requests in the running batch; the rest wait.
+        max_prefill_tokens: most prompt tokens prefilled in one step (at least one request always is),
+            so a burst of long prompts does not stall the running requests for long.
     """
 
-    def __init__(self, model, stop_ids: Sequence[int], pad_id: int, max_context: int):
+    def __init__(self, model, stop_ids: Sequence[int], pad_id: int, max_context: int, max_batch_size: int = 16,
+                 max_prefill_tokens: int = 8192):
         self.model = model.eval()
         self.stop_ids = set(stop_ids)
         self.pad_id = pad_id
         self.max_context = max_context
+        self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
         self.device = next(model.parameters()).device
+        self._lock = threading.Lock()
+        self._waiting: deque[tuple[Hashable, list[int], SamplingParams]] = deque()
+        self._aborted: set[Hashable] = set()
+        self._rows: list[_Row] = []
+        self._cache = None
+        self._mask: torch.Tensor | None = None
 
-    @torch.inference_mode()
-    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> Iterator[list[StepToken | None]]:
-        """Yields, per decode step, one entry per prompt: a :class:`StepToken`, or None once that prompt is done.
+    # -- any thread --------------------------------------------------------------------------
+    def submit(self, rid: Hashable, prompt: Sequence[int], params: SamplingParams) -> None:
+        """Queues a request; its tokens come out of later :meth:`step` calls under ``rid``.
 
         Raises:
-            ValueError: when a prompt alone fills the context window.
+            ValueError: when the prompt alone fills the context window.
         """
+        if len(prompt) >= self.max_context:
+            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in a {self.max_context}-token context")
+        if not prompt:
+            raise ValueError("empty prompt")
+        with self._lock:
+            self._waiting.append((rid, list(prompt), params))
+
+    def abort(self, rid: Hashable) -> None:
+        """Removes a request (waiting or running) before its next step; it yields nothing more."""
+        with self._lock:
+            self._aborted.add(rid)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._rows)
+
+    def has_work(self) -> bool:
+        return bool(self._rows or self._waiting)
+
+    # -- the model's thread --------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Hashable, StepToken]]:
+        """Admits waiting requests (prefill), then runs one decode step for the running batch.
+
+        Returns every token produced in this step as ``(rid, StepToken)``; a request's last one
+        carries its ``finish_reason``. Each running request gets at most one token per step: a newly
+        admitted one its first (from the prefill), the others their next (from the decode).
+        """
+        self._drop_aborted()
+        out: list[tuple[Hashable, StepToken]] = []
+        if self._rows:
+            out += self._decode()
+        out += self._admit()
+        return out
+
+    def _drop_aborted(self) -> None:
+        with self._lock:
+            aborted, self._aborted = self._aborted, set()
+            if aborted:
+                self._waiting = deque(w for w in self._waiting if w[0] not in aborted)
+        if aborted:
+            self._keep([i for i, r in enumerate(self._rows) if r.rid not in aborted])
+
+    def _take_waiting(self) -> list[tuple[Hashable, list[int], SamplingParams]]:
+        taken, tokens = [], 0
+        with self._lock:
+            while self._waiting and len(self._rows) + len(taken) < self.max_batch_size:
+                n = len(self._waiting[0][1])
+                if taken and tokens + n > self.max_prefill_tokens:
+                    break
+                taken.append(self._waiting.popleft())
+                tokens += n
+        return taken
+
+    def _admit(self) -> list[tuple[Hashable, StepToken]]:
         from transformers import DynamicCache
 
-        n = len(prompts)
-        for p in prompts:
-            if len(p) >= self.max_context:
-                raise ValueError(f"prompt of {len(p)} tokens leaves no room in a {self.max_context}-token context")
-        width = max(len(p) for p in prompts)
-        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for i, p in enumerate(prompts):
+        new = self._take_waiting()
+        if not new:
+            return []
+        width = max(len(p) for _, p, _ in new)
+        ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(new), width), dtype=torch.long)
+        for i, (_, p, _) in enumerate(new):
             ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[i, width - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        budgets = [min(sp.max_tokens, self.max_context - len(p)) for p, sp in zip(prompts, params)]
-        gens = []
-        for sp in params:
-            g = None
-            if sp.seed is not None:
-                g = torch.Generator(device=self.device)
-                g.manual_seed(sp.seed)
-            gens.append(g)
-
         cache = DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-        logits = out.logits[:, -1, :]
-        next_pos = pos[:, -1:] + 1
-        done = [b <= 0 for b in budgets]
-        counts = [0] * n
-        if all(done):
-            yield [StepToken(None, "length") for _ in range(n)]
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                            use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        rows = []
+        for rid, p, sp in new:
+            gen = None
+            if sp.seed is not None:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(sp.seed)
+            rows.append(_Row(rid=rid, prompt_len=len(p), params=sp, gen=gen,
+                             budget=min(sp.max_tokens, self.max_context - len(p))))
+        out, keep = self._sample(rows, logits)
+        if keep:
+            self._merge(rows, cache, mask, keep)
+        return out
+
+    def _decode(self) -> list[tuple[Hashable, StepToken]]:
+        n = len(self._rows)
+        feed = torch.tensor([[r.last_token] for r in self._rows], dtype=torch.long, device=self.device)
+        pos = torch.tensor([[r.prompt_len + r.produced - 1] for r in self._rows], dtype=torch.long, device=self.device)
+        self._mask = torch.cat([self._mask, torch.ones((n, 1), dtype=self._mask.dtype, device=self.device)], dim=1)
+        logits = self.model(input_ids=feed, attention_mask=self._mask, position_ids=pos, past_key_values=self._cache,
+                            use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        out, keep = self._sample(self._rows, logits)
+        if len(keep) < n:
+            self._keep(keep)
+        return out
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> tuple[list[tuple[Hashable, StepToken]], list[int]]:
+        """Samples one token per row; returns the outputs and the indices of rows that go on."""
+        out, keep = [], []
+        greedy = logits.argmax(dim=-1).tolist()  # one op for every greedy row without penalties
+        for i, r in enumerate(rows):
+            if r.budget <= 0:
+                out.append((r.rid, StepToken(None, "length")))
+                continue
+            p = r.params
+            if p.temperature <= 0 and not (r.counts and (p.presence_penalty or p.frequency_penalty)):
+                tok = greedy[i]
+            else:
+                row_logits = apply_penalties(logits[i], r.counts, p.presence_penalty, p.frequency_penalty)
+                tok = sample_token(row_logits, p, r.gen)
+            if tok in self.stop_ids:
+                out.append((r.rid, StepToken(None, "stop")))
+                continue
+            r.produced += 1
+            r.counts[tok] = r.counts.get(tok, 0) + 1
+            r.last_token = tok
+            if r.produced >= r.budget:
+                out.append((r.rid, StepToken(tok, "length")))
+            else:
+                out.append((r.rid, StepToken(tok)))
+                keep.append(i)
+        return out, keep
+
+    def _merge(self, rows: list[_Row], cache, mask: torch.Tensor, keep: list[int]) -> None:
+        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+        new_rows = [rows[i] for i in keep]
+        if len(keep) < len(rows):
+            cache.batch_select_indices(idx)
+            mask = mask[idx]
+        if not self._rows:
+            self._rows, self._cache, self._mask = new_rows, cache, mask
             return
-        while True:
-            step: list[StepToken | None] = []
-            feed = []
-            for i in range(n):
-                if done[i]:
-                    step.append(None)
-                    feed.append(self.pad_id)
-                    continue
-                tok = _sample(logits[i], params[i], gens[i])
-                feed.append(tok)
-                if tok in self.stop_ids:
-                    done[i] = True
-                    step.append(StepToken(None, "stop"))
-                    continue
-                counts[i] += 1
-                if counts[i] >= budgets[i]:
-                    done[i] = True
-                    step.append(StepToken(tok, "length"))
-                else:
-                    step.append(StepToken(tok))
+        width = max(self._mask.shape[1], mask.shape[1])
+        for old, add in zip(self._cache.layers, cache.layers):
+            old.keys = torch.cat([_pad_left(old.keys, width, -2), _pad_left(add.keys, width, -2)], dim=0)
+            old.values = torch.cat([_pad_left(old.values, width, -2), _pad_left(add.values, width, -2)], dim=0)
+        self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)], dim=0)
+        self._rows += new_rows
+
+    def _keep(self, keep: list[int]) -> None:
+        if not keep:
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self._rows = [self._rows[i] for i in keep]
+        self._cache.batch_select_indices(idx)
+        self._mask = self._mask[idx]
+        # Columns that are padding in every remaining row cost compute for nothing: drop them.
+        first = int(self._mask.any(dim=0).int().argmax())
+        if first > 0:
+            self._mask = self._mask[:, first:]
+            for layer in self._cache.layers:
+                layer.keys = layer.keys[..., first:, :]
+                layer.values = layer.values[..., first:, :]
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> Iterator[list[StepToken | None]]:
+        """Convenience for a fixed set of prompts: yields per step one entry per prompt (None when
+        that prompt produced nothing in the step). Runs on the calling thread.
+
+        Raises:
+            ValueError: when a prompt alone fills the context window.
+        """
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            self.submit(("generate", i), p, sp)
+        while self.has_work():
+            step: list[StepToken | None] = [None] * len(prompts)
+            for (_, i), tok in self.step():
+                step[i] = tok
             yield step
-            if all(done):
-                return
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=self.device)], dim=1)
-            feed_t = torch.tensor(feed, dtype=torch.long, device=self.device)[:, None]
-            out = self.model(
-                input_ids=feed_t, attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True
-            )
-            logits = out.logits[:, -1, :]
-            next_pos = next_pos + 1
 
 
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas without splitting characters.
 
-    SentencePiece pieces can end mid-UTF-8-character (byte fallback); a delta is held back
-    while the decoded text ends in the replacement character.
+    Decodes only a short window (from a few tokens before the last emitted text), so each token
+    costs O(1) instead of re-decoding the whole completion; the window's prefix keeps
+    SentencePiece's leading-space handling right. A delta is held back while the decoded text
+    ends in the replacement character (a piece ending mid-UTF-8-character).
     """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.text = ""
+        self.prefix_offset = 0  # window start
+        self.read_offset = 0  # ids before this are emitted
+        # A fast tokenizer's Rust decoder gives the same text ~10x faster than transformers' decode,
+        # which matters at two decodes per token per request (unless decode also cleans up spaces).
+        rust = getattr(tokenizer, "_tokenizer", None)
+        self._rust = rust if rust is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False) else None
+
+    def _decode(self, ids: list[int]) -> str:
+        if self._rust is not None:
+            return self._rust.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def push(self, token_id: int | None) -> str:
         """Adds a token (None adds nothing) and returns the newly completed text."""
-        if token_id is not None:
-            self.ids.append(token_id)
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if full.endswith("\ufffd") and token_id is not None:
+        if token_id is None:
             return ""
-        delta, self.text = full[len(self.text):], full
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return ""
+        delta = full[len(prefix):]
+        self.prefix_offset = max(self.read_offset - 4, self.prefix_offset)
+        self.read_offset = len(self.ids)
         return delta
 
     def flush(self) -> str:
         """Whatever text remains at the end (including a trailing partial character)."""
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        delta, self.text = full[len(self.text):], full
-        return delta
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        self.read_offset = len(self.ids)
+        return full[len(prefix):] if len(full) > len(prefix) else ""
+
+
+class StopStringMatcher:
+    """Cuts a streamed text at the first stop string, holding back what could start one.
+
+    ``push`` returns the text that is safe to emit now; text that might be the beginning of a
+    stop string stays pending until later text decides. Once a stop string matched, the text
+    before it has been emitted and :attr:`stopped` is True.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        if not self.stops:
+            return text
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[:min(hits)], ""
+            return out
+        hold = 0
+        for s in self.stops:  # longest suffix of pending that is a proper prefix of a stop string
+            for k in range(min(len(s) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = k
+                    break
+        out = self.pending[:len(self.pending) - hold]
+        self.pending = self.pending[len(self.pending) - hold:]
+        return out
+
+    def flush(self) -> str:
+        """The held-back text at the end of generation (it did not turn into a stop string)."""
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
+
+
+@dataclass
+class TextDelta:
+    """What a request's client sees from one :class:`StepToken`: new text, and the finish reason once done."""
+
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
+
+
+class CompletionText:
+    """One request's text side: detokenizes its tokens and applies its stop strings.
+
+    ``push`` returns a :class:`TextDelta`; when a stop string matched, its ``finish_reason`` is
+    ``"stop"`` even though the model did not stop — the caller aborts the request then.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.matcher = StopStringMatcher(stop)
+        self.completion_tokens = 0
+        self.finished = False
+
+    def push(self, step: StepToken) -> TextDelta:
+        if self.finished:
+            return TextDelta("", None, self.completion_tokens)
+        if step.token_id is not None:
+            self.completion_tokens += 1
+        raw = self.detok.push(step.token_id)
+        if step.finish_reason:
+            raw += self.detok.flush()
+        text = self.matcher.push(raw)
+        finish = step.finish_reason
+        if self.matcher.stopped:
+            finish = "stop"
+        elif finish:
+            text += self.matcher.flush()
+        self.finished = finish is not None
+        return TextDelta(text, finish, self.completion_tokens)

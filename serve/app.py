@@ -1,29 +1,51 @@
 """The Serve application builder: one ``import_path`` for ``serve run``, ``serve deploy``,
 ``python -m serve`` and a KubeRay RayService.
 
-    serve run serve.app:build_app checkpoint=runs/demo/train/crlft/checkpoint_...
+    serve run serve.app:build_app checkpoint=s3://bucket/runs/crlft checkpoint_select=best
+
+The checkpoint is resolved here, once per deploy (a run's ``best``/``latest`` is read from its
+manifest), so every engine replica — including ones autoscaling adds later — serves the same
+weights and the router shows where they came from.
 """
 
 from __future__ import annotations
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
+from libs.checkpoints import resolve_checkpoint
 from libs.config import ServeConfig
 from serve.engine import LLMEngine
 from serve.router import OpenAIRouter
 
 
+def engine_options(cfg: ServeConfig) -> dict:
+    """``serve.deployment`` options of the engine: replicas or autoscaling, limits, resources."""
+    opts: dict = {
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=cfg.retry_after_s),
+        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+    }
+    if cfg.num_replicas is not None:
+        opts["num_replicas"] = cfg.num_replicas
+    else:
+        opts["autoscaling_config"] = AutoscalingConfig(
+            min_replicas=cfg.min_replicas, max_replicas=cfg.max_replicas,
+            initial_replicas=max(cfg.min_replicas, 1),
+            target_ongoing_requests=cfg.target_ongoing_requests, **cfg.autoscaling_overrides)
+    return opts
+
+
 def build_app(args: dict) -> Application:
     """Builds the app from ``args`` (the fields of :class:`libs.config.ServeConfig`)."""
     cfg = ServeConfig.model_validate(args)
-    engine = serve.deployment(
-        LLMEngine,
-        name="LLMEngine",
-        num_replicas=cfg.num_replicas,
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
-        max_ongoing_requests=max(2 * cfg.max_batch_size, 16),
-    ).bind(cfg.model_dump())
-    router = serve.deployment(OpenAIRouter, name="OpenAIRouter", num_replicas=1,
+    ref = resolve_checkpoint(cfg.checkpoint, cfg.checkpoint_select)
+    if cfg.model_id is None:
+        cfg = cfg.model_copy(update={"model_id": ref.uri.rstrip("/").rsplit("/", 1)[-1]})
+    engine = serve.deployment(LLMEngine, name="LLMEngine", **engine_options(cfg)).bind(cfg.model_dump(), ref.to_dict())
+    router = serve.deployment(OpenAIRouter, name="OpenAIRouter", num_replicas=cfg.router_replicas,
+                              max_ongoing_requests=cfg.router_max_ongoing_requests,
                               ray_actor_options={"num_cpus": 0})
-    return router.bind(engine, cfg.model_dump())
+    return router.bind(engine, cfg.model_dump(), ref.to_dict())

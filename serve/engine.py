@@ -1,21 +1,27 @@
-"""The model replica: loads a checkpoint and generates for batched requests.
+"""The model replica: loads the checkpoint and runs continuous batching for its requests.
 
-Requests that arrive within ``batch_wait_timeout_s`` of each other share every forward
-pass (``@serve.batch`` over an async generator: one yield per decode step), and each
-request streams its own text as it is decoded.
+One loop thread owns the model and calls :meth:`libs.generation.ContinuousBatcher.step` while
+there is work: requests join the running batch between decode steps and leave when finished
+(or when a stop string matched, or their caller went away). Each request's tokens are turned
+into text in that thread and handed to the request's asyncio queue; :meth:`LLMEngine.generate`
+streams them (merging whatever arrived since the last chunk), or sends one chunk at the end
+for non-streaming requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
 from typing import AsyncGenerator
 
-from ray import serve
-
-from libs import storage
+from libs.checkpoints import CheckpointRef, fetch_checkpoint
 from libs.config import ServeConfig
-from libs.generation import BatchGenerator, IncrementalDetokenizer, SamplingParams, StepToken
+from libs.generation import CompletionText, ContinuousBatcher, SamplingParams, TextDelta
 from libs.model import load_causal_lm
 from libs.templates import get_template
 from libs.tokenization import ConversationTokenizer
@@ -24,55 +30,199 @@ from serve.protocol import EngineChunk, EngineRequest, error_body
 log = logging.getLogger("raychat.serve")
 
 
+class PromptError(ValueError):
+    """A user error found while preparing a prompt; carries the OpenAI error body."""
+
+    def __init__(self, body: dict):
+        super().__init__(body["error"]["message"])
+        self.body = body
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    text: CompletionText
+    started: float = field(default_factory=time.perf_counter)
+
+
 class LLMEngine:
     """Serve deployment class (wrapped in :func:`serve.app.build_app`)."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, checkpoint: dict):
+        from serve.metrics import ServeMetrics
+
         self.cfg = ServeConfig.model_validate(cfg)
-        local = storage.local_or_download(self.cfg.checkpoint, self.cfg.cache_dir)
-        model, self.tokenizer = load_causal_lm(local)
-        template = get_template(self.cfg.template)
+        self.ref = CheckpointRef(**checkpoint)
+        local = fetch_checkpoint(self.ref.uri, self.cfg.cache_dir)
+        model, self.tokenizer = load_causal_lm(local, dtype=self._dtype())
+        if self.cfg.num_gpus > 0:
+            model.to("cuda")
+        self.template = get_template(self.cfg.template)
         self.condition = self.cfg.default_condition
         self.max_context = self.cfg.max_context or int(getattr(model.config, "max_position_embeddings", 2048))
-        self.ct = ConversationTokenizer(self.tokenizer, template, self.max_context)
+        self.ct = ConversationTokenizer(self.tokenizer, self.template, self.max_context)
+        self.vocab_size = int(model.config.vocab_size)
         stops = [self.ct.eot_id] + ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.generator = BatchGenerator(model, stop_ids=stops, pad_id=pad, max_context=self.max_context)
-        self._batched.set_max_batch_size(self.cfg.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
-        log.info("loaded %s (context %d)", self.cfg.checkpoint, self.max_context)
+        self.batcher = ContinuousBatcher(model, stop_ids=stops, pad_id=pad, max_context=self.max_context,
+                                         max_batch_size=self.cfg.max_batch_size,
+                                         max_prefill_tokens=self.cfg.max_prefill_tokens)
+        self.metrics = ServeMetrics(self.cfg.model_id or "")
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        # The loop thread holds the GIL through each step's Python work; a short switch interval lets
+        # the replica's event loop hand tokens on (and take new requests) without waiting 5 ms for it.
+        sys.setswitchinterval(0.001)
+        self._thread = threading.Thread(target=self._loop, name="raychat-batcher", daemon=True)
+        self._thread.start()
+        log.info("loaded %s (context %d, max batch %d)", self.ref.uri, self.max_context, self.cfg.max_batch_size)
+
+    def _dtype(self):
+        import torch
+
+        if self.cfg.dtype == "auto":
+            return torch.bfloat16 if self.cfg.num_gpus > 0 else torch.float32
+        return getattr(torch, self.cfg.dtype)
+
+    # -- the loop thread -------------------------------------------------------------------------
+    def _loop(self) -> None:
+        last_step = None
+        while not self._stop.is_set():
+            if not self.batcher.has_work():
+                last_step = None
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                events = self.batcher.step()
+                now = time.perf_counter()
+                self._record_step(events, None if last_step is None else now - last_step)
+                last_step = now if self.batcher.num_running else None
+                self._publish(events)
+            except Exception as e:  # a bug or OOM: fail the requests in flight, keep serving
+                log.exception("decode step failed")
+                last_step = None
+                for rid in list(self._streams):
+                    self.batcher.abort(rid)
+                    self._deliver(rid, e)
+
+    def _record_step(self, events: list, step_s: float | None) -> None:
+        # One observation per step: every request that got a token waited the same step time.
+        if step_s is not None and events:
+            self.metrics.inter_token_latency_seconds.observe(step_s)
+        self.metrics.batch_size.observe(len(events))  # requests that got a token from this step
+        tokens = sum(t.token_id is not None for _, t in events)
+        if tokens:
+            self.metrics.generated_tokens.inc(tokens)
+        self.metrics.running_requests.set(self.batcher.num_running)
+        self.metrics.queue_length.set(self.batcher.num_waiting)
+
+    def _publish(self, events: list) -> None:
+        """Turns each request's new token into text (stop strings applied) and hands it to its queue."""
+        for rid, tok in events:
+            st = self._streams.get(rid)
+            if st is None:
+                continue
+            delta = st.text.push(tok)
+            if delta.finish_reason and tok.finish_reason is None:
+                self.batcher.abort(rid)  # a stop string matched: leave the batch now
+            self._deliver(rid, delta)
+
+    def _deliver(self, rid: str, item: TextDelta | Exception) -> None:
+        st = self._streams.get(rid)
+        if st is not None:
+            st.loop.call_soon_threadsafe(st.queue.put_nowait, item)
+
+    def __del__(self):
+        self._stop.set()
+
+    # -- requests ----------------------------------------------------------------------------------
+    def encode(self, req: EngineRequest) -> list[int]:
+        """The prompt's token ids (chat template for messages).
+
+        Raises:
+            PromptError: for token ids outside the vocabulary or a prompt that does not fit the context.
+        """
+        if req.messages is not None:
+            condition = req.condition if req.condition is not None else self.condition
+            prompt = self.ct.encode_prompt(req.messages, condition=condition, system=req.system)
+            param = "messages"
+        elif isinstance(req.prompt, str):
+            prompt = self.tokenizer(req.prompt, add_special_tokens=self.template.add_bos)["input_ids"]
+            param = "prompt"
+        else:
+            prompt, param = list(req.prompt or []), "prompt"
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+            if bad or not prompt:
+                raise PromptError(error_body(f"prompt: token ids must be in [0, {self.vocab_size}); got {bad[:5] or 'none'}",
+                                             param="prompt"))
+        room = self.max_context - len(prompt)
+        if room <= 0 or (req.max_tokens is not None and req.max_tokens > room):
+            asked = f" + {req.max_tokens} completion tokens" if req.max_tokens is not None else ""
+            raise PromptError(error_body(
+                f"This model's maximum context length is {self.max_context} tokens; the request has {len(prompt)} "
+                f"prompt tokens{asked}. Shorten the {param} or lower max_tokens.",
+                param=param, code="context_length_exceeded"))
+        return prompt
 
     async def generate(self, req: EngineRequest) -> AsyncGenerator[EngineChunk, None]:
         """Streams :class:`EngineChunk` s for one request; user errors come back as an ``error`` chunk."""
-        condition = req.condition if req.condition is not None else self.condition
-        prompt = self.ct.encode_prompt(req.messages, condition=condition, system=req.system)
-        max_tokens = req.max_tokens or self.cfg.default_max_tokens
-        if len(prompt) >= self.max_context:
-            msg = f"This model's maximum context length is {self.max_context} tokens; the prompt has {len(prompt)}."
-            yield EngineChunk(error=error_body(msg, param="messages", code="context_length_exceeded"))
+        try:
+            prompt = self.encode(req)
+        except PromptError as e:
+            yield EngineChunk(error=e.body)
             return
-        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed)
-        detok = IncrementalDetokenizer(self.tokenizer)
-        produced = 0
-        async for step in self._batched((prompt, params)):
-            if step.token_id is not None:
-                produced += 1
-            text = detok.push(step.token_id)
-            if step.finish_reason:
-                text += detok.flush()
-            yield EngineChunk(
-                text=text, finish_reason=step.finish_reason, prompt_tokens=len(prompt), completion_tokens=produced
-            )
+        max_tokens = req.max_tokens or min(self.cfg.default_max_tokens, self.max_context - len(prompt))
+        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                                stop=tuple(req.stop))
+        rid = uuid.uuid4().hex
+        st = _Stream(asyncio.get_running_loop(), asyncio.Queue(), CompletionText(self.tokenizer, req.stop))
+        self._streams[rid] = st
+        self.batcher.submit(rid, prompt, params)
+        self._wake.set()
+        self.metrics.prompt_tokens.inc(len(prompt))
+        finished, texts, produced = False, [], 0
+        try:
+            while not finished:
+                items = [await st.queue.get()]
+                while not st.queue.empty():
+                    items.append(st.queue.get_nowait())
+                for it in items:
+                    if isinstance(it, Exception):
+                        raise RuntimeError(f"generation failed: {it}") from it
+                last = items[-1]
+                if produced == 0 and last.completion_tokens > 0:
+                    self.metrics.time_to_first_token_seconds.observe(time.perf_counter() - st.started)
+                produced = last.completion_tokens
+                finished = last.finish_reason is not None
+                text = "".join(it.text for it in items)
+                if not req.stream:
+                    texts.append(text)
+                    continue
+                yield EngineChunk(text=text, finish_reason=last.finish_reason, prompt_tokens=len(prompt),
+                                  completion_tokens=produced)
+                if not finished and self.cfg.stream_interval_s:
+                    # The first token goes out at once; later ones are grouped, so a replica sends at
+                    # most one message per stream per interval however fast it decodes.
+                    await asyncio.sleep(self.cfg.stream_interval_s)
+            if not req.stream:
+                yield EngineChunk(text="".join(texts), finish_reason=last.finish_reason, prompt_tokens=len(prompt),
+                                  completion_tokens=produced)
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:  # the caller went away (disconnect, timeout): free the batch slot
+                self.batcher.abort(rid)
+                self._wake.set()
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _batched(self, items: list[tuple[list[int], SamplingParams]]) -> AsyncGenerator[list, None]:
-        steps = self.generator.generate([p for p, _ in items], [sp for _, sp in items])
-        while True:
-            # Decode steps run in a worker thread so the replica keeps accepting requests.
-            step: list[StepToken | None] | None = await asyncio.to_thread(next, steps, None)
-            if step is None:
-                return
-            yield [StopIteration if s is None else s for s in step]
+    async def complete(self, req: EngineRequest) -> EngineChunk:
+        """A whole choice in one answer (non-streaming requests: a unary call is cheaper than a stream)."""
+        last = None
+        async for chunk in self.generate(req.model_copy(update={"stream": False})):
+            last = chunk
+        return last
 
     def info(self) -> dict:
-        return {"checkpoint": self.cfg.checkpoint, "max_context": self.max_context}
+        return {"checkpoint": self.ref.to_dict(), "max_context": self.max_context}

@@ -1,4 +1,9 @@
-"""The OpenAI HTTP protocol: request/response models and the error format (no Ray, no engine)."""
+"""The OpenAI HTTP protocol: request/response models and the error format (no Ray, no engine).
+
+Requests accept and ignore OpenAI fields raychat has no use for (``user``, ``response_format``…)
+but reject, naming the parameter, those whose meaning it cannot honour (``logprobs``, ``tools``,
+``echo``, ``suffix``): a client silently getting something else is worse than a 400.
+"""
 
 from __future__ import annotations
 
@@ -6,50 +11,164 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP_STRINGS = 16
+MAX_N = 16
+
+
+class TextPart(BaseModel):
+    type: Literal["text"] = Field(description="Only text parts are supported.")
+    text: str = Field(description="The text.")
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"] = Field(description="Who wrote the message.")
-    content: str = Field(description="The message text.")
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="Who wrote the message ('developer' is OpenAI's newer name for 'system').")
+    content: str | list[TextPart] = Field(description="The message text, or a list of text parts (joined).")
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ChatCompletionRequest(BaseModel):
-    """``POST /v1/chat/completions`` body. Unknown OpenAI fields are accepted and ignored."""
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = Field(default=False, description="Send a last chunk with usage and no choices.")
+
+
+class _SamplingRequest(BaseModel):
+    """Fields chat and text completions share."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(description="Model id from /v1/models.")
-    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
-    max_tokens: int | None = Field(default=None, gt=0, description="Most tokens to generate.")
-    max_completion_tokens: int | None = Field(default=None, gt=0, description="Alias of max_tokens (newer clients).")
+    max_tokens: int | None = Field(default=None, gt=0, description="Most tokens to generate per choice.")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    seed: int | None = Field(default=None, description="Seed for reproducible sampling.")
+    n: int = Field(default=1, ge=1, le=MAX_N, description="Choices to generate for each prompt.")
+    stop: str | list[str] | None = Field(default=None, validate_default=True,
+                                         description="Up to 16 strings that end the completion (not returned).")
+    seed: int | None = Field(default=None, description="Seed for reproducible sampling (choice i uses seed + i).")
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="Penalty on tokens already generated.")
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="Penalty per time a token was generated.")
     stream: bool = Field(default=False, description="Stream chunks as server-sent events.")
+    stream_options: StreamOptions | None = Field(default=None, description="Streaming options (include_usage).")
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str]:
+        stops = [] if v is None else [v] if isinstance(v, str) else list(v)
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+def _unsupported(value, name: str):
+    if value not in (None, False, 0, [], ""):
+        raise ValueError(f"{name} is not supported by this server")
+    return value
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """``POST /v1/chat/completions`` body."""
+
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
+    max_completion_tokens: int | None = Field(default=None, gt=0, description="Alias of max_tokens (newer clients).")
     condition: str | None = Field(default=None, description="OpenChat extension: C-RLFT condition, e.g. 'GPT4 Correct'.")
+    logprobs: bool | None = Field(default=None, description="Not supported (400 when true).")
+    tools: list | None = Field(default=None, description="Not supported (400 when non-empty).")
+
+    @field_validator("logprobs", "tools")
+    @classmethod
+    def _reject(cls, v, info):
+        return _unsupported(v, info.field_name)
+
+    @field_validator("messages")
+    @classmethod
+    def _needs_a_turn(cls, v: list[ChatMessage]) -> list[ChatMessage]:
+        if not any(m.role in ("user", "assistant") for m in v):
+            raise ValueError("need at least one user message")
+        return v
+
+
+class CompletionRequest(_SamplingRequest):
+    """``POST /v1/completions`` body (legacy text completions)."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Prompt text, several prompts, or token ids (one list or several).")
+    max_tokens: int | None = Field(default=16, gt=0, description="Most tokens to generate per choice (OpenAI's default: 16).")
+    echo: bool | None = Field(default=None, description="Not supported (400 when true).")
+    suffix: str | None = Field(default=None, description="Not supported (400 when set).")
+    logprobs: int | None = Field(default=None, description="Not supported (400 when set).")
+    best_of: int | None = Field(default=None, description="Only best_of == n (or unset) is supported.")
+
+    @field_validator("echo", "suffix", "logprobs")
+    @classmethod
+    def _reject(cls, v, info):
+        return _unsupported(v, info.field_name)
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be an empty list")
+        return v
+
+    @model_validator(mode="after")
+    def _best_of(self):
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of: only best_of == n is supported")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list: each a text or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
 
 
 class EngineRequest(BaseModel):
-    """What the router asks of the engine (transport between deployments)."""
+    """What the router asks of the engine (transport between deployments).
 
-    messages: list[tuple[str, str]]
+    Exactly one of ``messages`` (chat: rendered with the chat template) and ``prompt`` (text or
+    token ids, used as is) is set.
+    """
+
+    messages: list[tuple[str, str]] | None = None
     system: str = ""
     condition: str | None = None
+    prompt: str | list[int] | None = None
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] = Field(default_factory=list)
+    stream: bool = True  # False: the engine sends one chunk with the whole text
 
 
 class EngineChunk(BaseModel):
-    """One streamed piece from the engine; the last one carries ``finish_reason``."""
+    """One piece from the engine; the last one carries ``finish_reason``."""
 
     text: str = ""
     finish_reason: Literal["stop", "length"] | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    error: dict | None = None  # OpenAI error object for user errors (e.g. context length)
+    error: dict | None = None  # OpenAI error body for user errors (e.g. context length)
 
 
 class Usage(BaseModel):
@@ -57,11 +176,22 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
 
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
 
 class ChatChoice(BaseModel):
     index: int
-    message: ChatMessage
+    message: AssistantMessage
     finish_reason: str | None
+    logprobs: None = None
 
 
 class ChatCompletion(BaseModel):
@@ -82,6 +212,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
+    logprobs: None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -90,6 +221,25 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    """A text completion; streamed chunks have the same shape (``object`` is ``text_completion`` in both)."""
+
+    id: str = Field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):
@@ -98,6 +248,7 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "raychat"
     root: str | None = Field(default=None, description="Where the weights came from (checkpoint URI).")
+    checkpoint: dict | None = Field(default=None, description="raychat: the checkpoint's run, selection, step and eval loss.")
 
 
 class ModelList(BaseModel):

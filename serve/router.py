@@ -1,24 +1,41 @@
-"""HTTP routing: the FastAPI ingress that speaks OpenAI and forwards to the engine deployment."""
+"""HTTP routing: the FastAPI ingress that speaks OpenAI and forwards to the engine deployment.
+
+Every error leaves through one place (:func:`_error_response`) in OpenAI's format:
+400 invalid parameter (named) or ``context_length_exceeded``, 401 missing/wrong key, 404 unknown
+model or route, 413 body too large, 429 queue full (with ``Retry-After``), 503 no engine
+replica could take the request, 500 only for server bugs. The body-size limit and API-key
+check run as ASGI middleware in front of every route (``/health`` needs no key).
+"""
 
 
+import asyncio
+import json
+import logging
 import time
 import uuid
 from typing import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from libs.auth import NoApiKeysError, bearer_token, key_matches, load_api_keys
 from libs.config import ServeConfig
 from serve.protocol import (
+    AssistantMessage,
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatMessage,
     ChunkChoice,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
     Delta,
     EngineChunk,
     EngineRequest,
@@ -28,98 +45,327 @@ from serve.protocol import (
     error_body,
 )
 
+log = logging.getLogger("raychat.serve")
+# Engine calls that failed because a replica died before answering are retried this often.
+REPLICA_RETRIES = 2
+_REPLICA_GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+
+
+class APIError(Exception):
+    """An OpenAI-format error answer."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.headers = status, headers
+        self.body = error_body(message, type_=type_, param=param, code=code)
+
+
+def _error_response(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=body, headers=headers)
+
+
+class OpenAIGuard:
+    """ASGI middleware: request body size limit (413) and Bearer API keys (401) on every route but ``/health``.
+
+    Settings come from ``app.state`` (set by the router replica): ``max_request_bytes`` and
+    ``api_keys`` (None = auth off). Also counts requests by route and status.
+    """
+
+    class _TooLarge(HTTPException):
+        """Raised from ``receive``: FastAPI re-raises HTTPExceptions met while reading a body."""
+
+        def __init__(self, limit: int):
+            super().__init__(413, f"Request body exceeds the limit of {limit} bytes.")
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = scope["app"].state
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # under a Serve route_prefix
+            path = path[len(root):]
+        status_seen: list[int] = []
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status_seen.append(message["status"])
+            await send(message)
+
+        async def reply(status: int, body: dict, headers: dict | None = None):
+            await _error_response(status, body, headers)(scope, receive, send_counted)
+
+        try:
+            limit = state.max_request_bytes
+            headers = dict(scope.get("headers") or [])
+            length = headers.get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                return await reply(413, error_body(f"Request body of {int(length)} bytes exceeds the limit of {limit}.",
+                                                   code="request_too_large"))
+            if path != "/health" and state.api_keys is not None:  # every route but the probe needs a key
+                token = bearer_token(headers.get(b"authorization", b"").decode("latin-1"))
+                if not key_matches(token, state.api_keys):
+                    what = "No API key provided" if token is None else "Incorrect API key provided"
+                    return await reply(401, error_body(f"{what}. Send 'Authorization: Bearer <key>'.",
+                                                       code="invalid_api_key"))
+            received = 0
+
+            async def limited_receive():
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        raise OpenAIGuard._TooLarge(limit)
+                return message
+
+            try:
+                await self.app(scope, limited_receive, send_counted)
+            except OpenAIGuard._TooLarge:
+                if not status_seen:
+                    await reply(413, error_body(f"Request body exceeds the limit of {limit} bytes.", code="request_too_large"))
+        except Exception:
+            status_seen.append(500)
+            raise
+        finally:
+            metrics = getattr(state, "metrics", None)
+            if metrics is not None and path.startswith("/v1"):
+                route = path if path in ("/v1/models", "/v1/chat/completions", "/v1/completions") else "other"
+                metrics.requests.inc(tags={"route": route, "status": str(status_seen[0] if status_seen else 499)})
+
+
 app = FastAPI(title="raychat", description="OpenAI-compatible endpoint for C-RLFT checkpoints")
+app.add_middleware(OpenAIGuard)
+
+
+@app.exception_handler(APIError)
+async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    return _error_response(exc.status, exc.body, exc.headers)
 
 
 @app.exception_handler(RequestValidationError)
 async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-    return JSONResponse(status_code=400, content=error_body(f"{param}: {first['msg']}", param=param))
+    # loc is ("body", field, index/sub-field...); the union members pydantic tried are not parameters.
+    parts = [p for p in first["loc"][1:] if isinstance(p, int) or (isinstance(p, str) and p.isidentifier())]
+    param = parts[0] if parts and isinstance(parts[0], str) else None
+    where = ".".join(str(p) for p in parts) or "body"
+    msg = first["msg"].removeprefix("Value error, ")
+    named, sep, rest = msg.partition(": ")
+    if param is None and sep and named.isidentifier():  # a check across fields names its parameter first
+        return _error_response(400, error_body(msg, param=named))
+    return _error_response(400, error_body(f"{where}: {msg}", param=param))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+    return _error_response(exc.status_code, error_body(str(exc.detail), code=code))
+
+
+@app.exception_handler(Exception)
+async def _server_error(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("request failed")
+    return _error_response(500, error_body(f"Internal server error ({type(exc).__name__}).", type_="server_error"))
 
 
 def to_engine_request(req: ChatCompletionRequest) -> EngineRequest:
     """Splits system messages out (joined into the system prompt) and maps sampling options."""
-    system = "\n".join(m.content for m in req.messages if m.role == "system")
-    turns = [(m.role, m.content) for m in req.messages if m.role != "system"]
-    return EngineRequest(
-        messages=turns,
-        system=system,
-        condition=req.condition,
-        max_tokens=req.max_tokens or req.max_completion_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        seed=req.seed,
-    )
+    system = "\n".join(m.text for m in req.messages if m.role in ("system", "developer"))
+    turns = [(m.role, m.text) for m in req.messages if m.role not in ("system", "developer")]
+    return EngineRequest(messages=turns, system=system, condition=req.condition,
+                         max_tokens=req.max_tokens or req.max_completion_tokens, **_sampling(req))
+
+
+def _sampling(req: ChatCompletionRequest | CompletionRequest) -> dict:
+    return dict(temperature=req.temperature, top_p=req.top_p, seed=req.seed, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty, stop=req.stop, stream=req.stream)
+
+
+def choice_requests(bases: list[EngineRequest], n: int) -> list[EngineRequest]:
+    """One engine request per choice: choice ``p * n + j`` is prompt ``p``'s j-th sample (seed + j)."""
+    out = []
+    for base in bases:
+        for j in range(n):
+            out.append(base if j == 0 or base.seed is None else base.model_copy(update={"seed": base.seed + j}))
+    return out
+
+
+async def _gather_or_cancel(coros: list) -> list:
+    """All results, or the first error with the other calls cancelled (their batch slots freed)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        raise
 
 
 @serve.ingress(app)
 class OpenAIRouter:
     """Serve ingress deployment class: OpenAI routes on :data:`app`, generation on the engine handle."""
 
-    def __init__(self, engine: DeploymentHandle, cfg: dict):
+    def __init__(self, engine: DeploymentHandle, cfg: dict, checkpoint: dict):
+        from serve.metrics import ServeMetrics
+
         self.engine = engine
         self.cfg = ServeConfig.model_validate(cfg)
-        self.model_id = self.cfg.model_id or self.cfg.checkpoint.rstrip("/").rsplit("/", 1)[-1]
+        self.checkpoint = checkpoint
+        self.model_id = self.cfg.model_id
+        keys = load_api_keys(self.cfg.api_keys_env, self.cfg.api_keys_file)
+        if not keys and not self.cfg.allow_no_auth:
+            raise NoApiKeysError(
+                f"no API key configured: set ${self.cfg.api_keys_env} or api_keys_file, "
+                "or pass allow_no_auth=true (local demo only)")
+        app.state.api_keys = keys or None
+        app.state.max_request_bytes = self.cfg.max_request_bytes
+        app.state.metrics = self.metrics = ServeMetrics(self.model_id)
+        log.info("router for %s: %d API key(s), auth %s", self.model_id, len(keys), "on" if keys else "OFF")
+
+    def _card(self) -> ModelCard:
+        return ModelCard(id=self.model_id, root=self.checkpoint["uri"], checkpoint=self.checkpoint)
 
     @app.get("/v1/models")
     async def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.model_id, root=self.cfg.checkpoint)])
+        return ModelList(data=[self._card()])
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str) -> ModelCard:
+        self._check_model(model_id)
+        return self._card()
 
     @app.get("/health")
     async def health(self) -> dict:
         return {"status": "ok"}
 
+    def _check_model(self, model: str) -> None:
+        if model != self.model_id:
+            raise APIError(404, f"The model {model!r} does not exist; this endpoint serves {self.model_id!r}.",
+                           param="model", code="model_not_found")
+
     @app.post("/v1/chat/completions")
     async def chat_completions(self, req: ChatCompletionRequest):
-        if req.model != self.model_id:
-            return JSONResponse(
-                status_code=404,
-                content=error_body(f"The model {req.model!r} does not exist; this endpoint serves {self.model_id!r}.",
-                                   param="model", code="model_not_found"),
-            )
-        if not any(m.role != "system" for m in req.messages):
-            return JSONResponse(status_code=400, content=error_body("messages: need at least one user message", param="messages"))
-        stream = self.engine.options(stream=True).generate.remote(to_engine_request(req))
-        first = await anext(aiter(stream), None)
-        if first is not None and first.error:
-            return JSONResponse(status_code=400, content=first.error)
+        self._check_model(req.model)
+        return await self._respond(req, choice_requests([to_engine_request(req)], req.n), chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(self, req: CompletionRequest):
+        self._check_model(req.model)
+        bases = [EngineRequest(prompt=p, max_tokens=req.max_tokens, **_sampling(req)) for p in req.prompts()]
+        return await self._respond(req, choice_requests(bases, req.n), chat=False)
+
+    # -- engine calls ------------------------------------------------------------------------------
+    async def _call(self, ereq: EngineRequest) -> "tuple[EngineChunk, object | None]":
+        """Sends one choice to the engine: a unary call for non-streaming requests (the whole
+        result), else a stream whose first chunk is awaited; returns ``(chunk, stream or None)``.
+
+        A replica that dies before answering is retried on another (nothing was sent to the
+        client yet, so no text is lost or repeated); a full queue is 429.
+        """
+        for attempt in range(REPLICA_RETRIES + 1):
+            try:
+                if ereq.stream:
+                    stream = self.engine.options(stream=True).generate.remote(ereq)
+                    first = await stream.__anext__()
+                else:
+                    stream, first = None, await self.engine.complete.remote(ereq)
+            except BackPressureError:
+                raise APIError(429, "The server is busy (request queue full); retry later.", type_="rate_limit_error",
+                               code="queue_full", headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
+            except _REPLICA_GONE as e:
+                log.warning("engine replica unavailable (attempt %d): %s", attempt + 1, type(e).__name__)
+                if attempt == REPLICA_RETRIES:
+                    raise APIError(503, "No model replica could serve the request; retry later.", type_="server_error",
+                                   code="replica_unavailable", headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
+                continue
+            if first.error:
+                raise APIError(400, first.error["error"]["message"], param=first.error["error"]["param"],
+                               code=first.error["error"]["code"])
+            return first, stream
+        raise AssertionError("unreachable")
+
+    async def _respond(self, req, ereqs: list[EngineRequest], chat: bool):
+        n = req.n
         if req.stream:
-            return StreamingResponse(self._sse(first, stream), media_type="text/event-stream")
-        text, last = [], first
-        if first is not None:
-            text.append(first.text)
-            async for chunk in stream:
-                text.append(chunk.text)
-                last = chunk
-        return ChatCompletion(
-            model=self.model_id,
-            choices=[ChatChoice(index=0, message=ChatMessage(role="assistant", content="".join(text)),
-                                finish_reason=last.finish_reason if last else "length")],
-            usage=Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
-                        total_tokens=last.prompt_tokens + last.completion_tokens) if last else Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0),
-        )
+            opened = await _gather_or_cancel([self._call(e) for e in ereqs])
+            return StreamingResponse(self._sse(req, opened, chat), media_type="text/event-stream")
+        results = [r for r, _ in await _gather_or_cancel([self._call(e) for e in ereqs])]
+        # Prompt tokens count once per prompt (its n choices share it), completion tokens per choice.
+        usage = Usage.of(sum(r.prompt_tokens for r in results[::n]), sum(r.completion_tokens for r in results))
+        if chat:
+            choices = [ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason)
+                       for i, r in enumerate(results)]
+            return ChatCompletion(model=self.model_id, choices=choices, usage=usage)
+        choices = [CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(results)]
+        return Completion(model=self.model_id, choices=choices, usage=usage)
 
-    async def _sse(self, first: "EngineChunk | None", rest) -> AsyncIterator[str]:
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    async def _sse(self, req, opened: list[tuple[EngineChunk, object]], chat: bool) -> AsyncIterator[str]:
+        cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created, n = int(time.time()), req.n
 
-        def event(delta: Delta, finish: str | None = None) -> str:
-            chunk = ChatCompletionChunk(id=cid, created=created, model=self.model_id,
-                                        choices=[ChunkChoice(delta=delta, finish_reason=finish)])
-            return f"data: {chunk.model_dump_json(exclude_none=False)}\n\n"
+        def event(index: int, text: str | None, finish: str | None, first: bool = False) -> str:
+            if chat:
+                delta = Delta(role="assistant", content="") if first else Delta(content=text)
+                obj = ChatCompletionChunk(id=cid, created=created, model=self.model_id,
+                                          choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish)])
+            else:
+                obj = Completion(id=cid, created=created, model=self.model_id,
+                                 choices=[CompletionChoice(index=index, text=text or "", finish_reason=finish)])
+            data = obj.model_dump()
+            if not req.include_usage:
+                data.pop("usage")
+            if chat:
+                data["choices"][0]["delta"] = {k: v for k, v in data["choices"][0]["delta"].items() if v is not None}
+            return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
-        yield event(Delta(role="assistant", content=""))
-        chunks = [first] if first is not None else []
+        queue: asyncio.Queue = asyncio.Queue()
 
-        async def all_chunks():
-            for c in chunks:
-                yield c
-            async for c in rest:
-                yield c
+        async def pump(index: int, first: EngineChunk, stream) -> None:
+            try:
+                await queue.put((index, first))
+                if first.finish_reason is None:
+                    async for chunk in stream:
+                        await queue.put((index, chunk))
+                        if chunk.finish_reason:  # no need to wait for the end-of-stream message
+                            break
+            except Exception as e:  # a replica died mid-stream: tell the client cleanly
+                await queue.put((index, e))
+            finally:
+                await queue.put((index, None))
 
-        async for c in all_chunks():
-            if c.text:
-                yield event(Delta(content=c.text))
-            if c.finish_reason:
-                yield event(Delta(), c.finish_reason)
-        yield "data: [DONE]\n\n"
+        tasks = [asyncio.ensure_future(pump(i, f, s)) for i, (f, s) in enumerate(opened)]
+        last: dict[int, EngineChunk] = {}
+        try:
+            if chat:
+                for i in range(len(opened)):
+                    yield event(i, None, None, first=True)
+            open_streams = len(opened)
+            while open_streams:
+                index, item = await queue.get()
+                if item is None:
+                    open_streams -= 1
+                    continue
+                if isinstance(item, Exception):
+                    log.warning("stream %d failed: %s", index, type(item).__name__)
+                    body = error_body("The model replica failed mid-stream; retry the request.", type_="server_error",
+                                      code="replica_unavailable")
+                    yield f"data: {json.dumps(body)}\n\n"
+                    return
+                last[index] = item
+                if item.text:
+                    yield event(index, item.text, None)
+                if item.finish_reason:
+                    yield event(index, "" if not chat else None, item.finish_reason)
+            if req.include_usage:
+                ordered = [last[i] for i in sorted(last)]
+                usage = Usage.of(sum(c.prompt_tokens for c in ordered[::n]), sum(c.completion_tokens for c in ordered))
+                cls = ChatCompletionChunk if chat else Completion
+                yield f"data: {cls(id=cid, created=created, model=self.model_id, choices=[], usage=usage).model_dump_json()}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            for t in tasks:
+                t.cancel()

@@ -1,0 +1,215 @@
+"""Load benchmark of the OpenAI endpoint vs sequential in-process generation, in one run.
+
+    .venv/bin/python benchmarks/serve_load.py                       # tiny embedded model, CPU
+    .venv/bin/python benchmarks/serve_load.py --checkpoint s3://bucket/runs/crlft --num-gpus 1
+
+1. In-process baseline: the same checkpoint loaded here, requests generated one after another
+   (``ContinuousBatcher`` with one request at a time: what ``generate`` on one prompt does).
+2. The Serve path: a local Ray instance runs the raychat app on 127.0.0.1 (API key on); the
+   official async ``openai`` client streams chat completions at each concurrency level (1, 4,
+   16, 64 by default), a bounded number of requests per level and a time cap.
+
+Reported per level: generated tokens/s, p50/p99 latency and time to first token (TTFT);
+throughput relative to sequential, and the TTFT overhead of the Serve path at concurrency 1.
+Medians over ``--repeats`` runs. Loopback only; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+QUESTIONS = ["What is 2 + 3?", "Name three colours.", "Write a haiku about Ray.", "Why is the sky blue?",
+             "Translate 'good morning' to French.", "List four prime numbers.", "What does a GPU do?",
+             "Summarise C-RLFT in one sentence."]
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
+
+
+class Sequential:
+    """Sequential generation in this process: one request at a time, no Ray, no HTTP."""
+
+    def __init__(self, checkpoint: str, threads: int):
+        import torch
+
+        from libs.checkpoints import fetch_checkpoint, resolve_checkpoint
+        from libs.generation import ContinuousBatcher
+        from libs.model import load_causal_lm
+        from libs.templates import get_template
+        from libs.tokenization import ConversationTokenizer
+
+        torch.set_num_threads(threads)  # what the engine replica gets (Ray sets OMP_NUM_THREADS = num_cpus)
+        local = fetch_checkpoint(resolve_checkpoint(checkpoint).uri, "/tmp/raychat/models")
+        model, tok = load_causal_lm(local)
+        self.ct = ConversationTokenizer(tok, get_template("openchat_3.5"))
+        self.b = ContinuousBatcher(model, stop_ids=[self.ct.eot_id, tok.eos_token_id], pad_id=tok.pad_token_id or 0,
+                                   max_context=int(model.config.max_position_embeddings), max_batch_size=1)
+
+    def run(self, n: int, max_tokens: int) -> dict:
+        from libs.generation import SamplingParams
+
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0)
+        prompts = [self.ct.encode_prompt([("user", QUESTIONS[i % len(QUESTIONS)])]) for i in range(n)]
+        lat, ttft, tokens = [], [], 0
+        t0 = time.perf_counter()
+        for i, p in enumerate(prompts):
+            t = time.perf_counter()
+            self.b.submit(i, p, sp)
+            first = None
+            while self.b.has_work():
+                for _, s in self.b.step():
+                    if first is None:
+                        first = time.perf_counter() - t
+                    tokens += s.token_id is not None
+            lat.append(time.perf_counter() - t)
+            ttft.append(first)
+        wall = time.perf_counter() - t0
+        return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "lat": lat, "ttft": ttft}
+
+
+async def drive(url: str, key: str, model: str, concurrency: int, n: int, max_tokens: int, time_cap: float,
+                stream: bool = True) -> dict:
+    """``n`` chat completions, ``concurrency`` at a time; stops starting new ones after ``time_cap``.
+    Streamed ones give the time to the first content chunk (TTFT)."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0, timeout=300)
+    lat, ttft, tokens, errors = [], [], 0, 0
+    sem = asyncio.Semaphore(concurrency)
+    t0 = time.perf_counter()
+
+    async def one(i: int) -> None:
+        nonlocal tokens, errors
+        async with sem:
+            if time.perf_counter() - t0 > time_cap:
+                return
+            t = time.perf_counter()
+            first = None
+            messages = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
+            try:
+                if not stream:
+                    r = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                                             temperature=0)
+                    tokens += r.usage.completion_tokens
+                    lat.append(time.perf_counter() - t)
+                    return
+                chunks = await client.chat.completions.create(
+                    model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+                    stream_options={"include_usage": True})
+                async for chunk in chunks:
+                    if first is None and chunk.choices and chunk.choices[0].delta.content:
+                        first = time.perf_counter() - t
+                    if chunk.usage:
+                        tokens += chunk.usage.completion_tokens
+            except openai.APIError:
+                errors += 1
+                return
+            lat.append(time.perf_counter() - t)
+            ttft.append(first if first is not None else lat[-1])
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    wall = time.perf_counter() - t0
+    await client.close()
+    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "lat": lat, "ttft": ttft, "errors": errors}
+
+
+def summarise(runs: list[dict]) -> dict:
+    med = statistics.median
+    return {
+        "tok_s": med(r["tok_s"] for r in runs),
+        "p50_latency_ms": med(percentile(r["lat"], 50) for r in runs) * 1e3,
+        "p99_latency_ms": med(percentile(r["lat"], 99) for r in runs) * 1e3,
+        "p50_ttft_ms": med(percentile(r["ttft"], 50) for r in runs) * 1e3 if runs[0]["ttft"] else None,
+        "p99_ttft_ms": med(percentile(r["ttft"], 99) for r in runs) * 1e3 if runs[0]["ttft"] else None,
+        "requests": med(len(r["lat"]) for r in runs),
+        "errors": sum(r.get("errors", 0) for r in runs),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", help="checkpoint or run URI; default: a fresh tiny embedded model")
+    ap.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels")
+    ap.add_argument("--requests", type=int, default=0, help="requests per level (default: max(16, 4 x concurrency))")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--time-cap", type=float, default=60.0, help="seconds per level before no new request starts")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--num-cpus", type=float, default=1.0)
+    ap.add_argument("--num-gpus", type=float, default=0.0)
+    ap.add_argument("--json", help="write the figures here too")
+    args = ap.parse_args(argv)
+    levels = [int(x) for x in args.concurrency.split(",")]
+
+    import ray
+    from ray import serve
+
+    from libs.model import create_embedded_base_model
+    from serve.app import build_app
+    from tests.conftest import free_port
+
+    tmp = Path(tempfile.mkdtemp(prefix="raychat-bench-"))
+    checkpoint = args.checkpoint or str(create_embedded_base_model(tmp / "tiny"))
+    seq = Sequential(checkpoint, threads=max(1, int(args.num_cpus)))
+    seq.run(2, 8)  # warm-up
+
+    key = "sk-bench"
+    (tmp / "keys").write_text(key + "\n")
+    ray.init(num_cpus=2 if not args.num_gpus else None, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"checkpoint": checkpoint, "model_id": "bench", "api_keys_file": str(tmp / "keys"),
+                         "num_replicas": 1, "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
+                         "max_batch_size": args.max_batch_size, "max_ongoing_requests": max(args.max_batch_size, 64) * 2,
+                         "max_queued_requests": -1}), name="bench", route_prefix="/")
+    url = f"http://127.0.0.1:{port}/v1"
+    asyncio.run(drive(url, key, "bench", 4, 8, 8, 30))  # warm-up
+    # Sequential and Serve runs alternate, so both see the same background load on a shared machine.
+    seq_runs, serve_runs = [], {(c, st): [] for c in levels for st in (True, False)}
+    for rep in range(args.repeats):
+        seq_runs.append(seq.run(args.requests or 16, args.max_tokens))
+        print(f"[{rep + 1}/{args.repeats}] sequential in-process: {seq_runs[-1]['tok_s']:.0f} tok/s", flush=True)
+        for c, st in serve_runs:
+            n = args.requests or max(16, 4 * c)
+            serve_runs[c, st].append(asyncio.run(drive(url, key, "bench", c, n, args.max_tokens, args.time_cap, st)))
+            r = serve_runs[c, st][-1]
+            print(f"[{rep + 1}/{args.repeats}] concurrency {c:>3} {'stream' if st else 'whole '}: {r['tok_s']:.0f} tok/s, "
+                  f"errors {r['errors']}", flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    seq = summarise(seq_runs)
+    results = {k: summarise(runs) for k, runs in serve_runs.items()}
+
+    def ms(x):
+        return "–" if x is None else f"{x:.1f}"
+
+    print("\n| path | generated tok/s | vs sequential | p50 / p99 latency (ms) | p50 / p99 TTFT (ms) |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| sequential in-process | {seq['tok_s']:.0f} | 1.0× | {seq['p50_latency_ms']:.0f} / {seq['p99_latency_ms']:.0f} | "
+          f"{ms(seq['p50_ttft_ms'])} / {ms(seq['p99_ttft_ms'])} |")
+    for (c, st), r in results.items():
+        print(f"| Serve, concurrency {c}, {'streamed' if st else 'non-streamed'} | {r['tok_s']:.0f} | "
+              f"{r['tok_s'] / seq['tok_s']:.1f}× | {r['p50_latency_ms']:.0f} / {r['p99_latency_ms']:.0f} | "
+              f"{ms(r['p50_ttft_ms'])} / {ms(r['p99_ttft_ms'])} |")
+    if (1, True) in results:
+        print(f"\nTTFT overhead of the Serve path at concurrency 1 (p50): "
+              f"{results[1, True]['p50_ttft_ms'] - seq['p50_ttft_ms']:.1f} ms")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"sequential": seq, "serve": {f"{c}-{'stream' if st else 'whole'}": r
+                                                                            for (c, st), r in results.items()}}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""The OpenAI endpoint on real Ray Serve, driven by the official ``openai`` client (loopback only)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from tests.integration.serving import deploy, serve_port  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.integration
+
+KEY = "sk-raychat-test-1"
+MAX_CONTEXT = 512
+
+
+@pytest.fixture(scope="module")
+def key_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("secret") / "api-keys"
+    f.write_text(f"# mounted secret\n{KEY}\n")
+    return f
+
+
+@pytest.fixture(scope="module")
+def api(serve_port, tiny_model_dir, key_file):
+    url = deploy(serve_port, "api", checkpoint=str(tiny_model_dir), model_id="tiny", api_keys_file=str(key_file),
+                 num_replicas=1, num_cpus=0.5, max_context=MAX_CONTEXT, max_batch_size=16, max_request_bytes=64 << 10)
+    return url
+
+
+def client(url: str, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=60)
+
+
+def aclient(url: str, key: str = KEY) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0, timeout=60)
+
+
+def http(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict, dict]:
+    """Raw HTTP (status, headers, JSON body) for what the openai client would not send."""
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, dict(r.headers), json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read())
+
+
+MSG = [{"role": "user", "content": "Name three colours."}]
+
+
+def test_models_lists_the_model_and_where_it_came_from(api, tiny_model_dir):
+    (card,) = client(api).models.list().data
+    assert card.id == "tiny" and card.root == str(tiny_model_dir)
+    assert card.model_extra["checkpoint"]["uri"] == str(tiny_model_dir)
+    assert client(api).models.retrieve("tiny").id == "tiny"
+
+
+def test_chat_usage_counts_the_templated_prompt_and_generated_tokens(api, tokenizer):
+    from libs.templates import get_template
+    from libs.tokenization import ConversationTokenizer
+
+    r = client(api).chat.completions.create(model="tiny", messages=MSG, max_tokens=5, temperature=0)
+    ct = ConversationTokenizer(tokenizer, get_template("openchat_3.5"))
+    assert r.usage.prompt_tokens == len(ct.encode_prompt([("user", MSG[0]["content"])]))
+    assert r.choices[0].finish_reason in ("stop", "length") and 0 < r.usage.completion_tokens <= 5
+    if r.choices[0].finish_reason == "length":
+        assert r.usage.completion_tokens == 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_system_message_and_condition_change_the_prompt(api, tokenizer):
+    from libs.templates import get_template
+    from libs.tokenization import ConversationTokenizer
+
+    ct = ConversationTokenizer(tokenizer, get_template("openchat_3.5"))
+    c = client(api)
+    sys_msgs = [{"role": "system", "content": "You are terse."}, *MSG]
+    r_sys = c.chat.completions.create(model="tiny", messages=sys_msgs, max_tokens=1)
+    r_cond = c.chat.completions.create(model="tiny", messages=MSG, max_tokens=1, extra_body={"condition": "GPT3"})
+    assert r_sys.usage.prompt_tokens == len(ct.encode_prompt([("user", MSG[0]["content"])], system="You are terse."))
+    assert r_cond.usage.prompt_tokens == len(ct.encode_prompt([("user", MSG[0]["content"])], condition="GPT3"))
+
+
+def test_streaming_chat_gives_the_same_text_and_usage_as_non_streaming(api):
+    c = client(api)
+    whole = c.chat.completions.create(model="tiny", messages=MSG, max_tokens=12, temperature=0)
+    chunks = list(c.chat.completions.create(model="tiny", messages=MSG, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert text == whole.choices[0].message.content
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == \
+        [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+
+
+def test_stream_is_sse_ending_with_done(api):
+    body = json.dumps({"model": "tiny", "messages": MSG, "stream": True, "max_tokens": 4}).encode()
+    req = urllib.request.Request(api + "/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        content_type, text = r.headers["content-type"], r.read().decode()
+    events = [line for line in text.splitlines() if line.startswith("data: ")]
+    assert content_type.startswith("text/event-stream") and events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][len("data: "):])["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_completions_with_several_prompts_and_n_choices(api):
+    c = client(api)
+    r = c.completions.create(model="tiny", prompt=["Once upon a time", "The capital of France is"], n=2,
+                             max_tokens=6, temperature=0.8, seed=7)
+    assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
+    one = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0)
+    two = c.completions.create(model="tiny", prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert r.usage.prompt_tokens == one.usage.prompt_tokens + two.usage.prompt_tokens  # once per prompt, not per choice
+    assert sum(bool(ch.text) for ch in r.choices) <= r.usage.completion_tokens <= 4 * 6
+    again = c.completions.create(model="tiny", prompt=["Once upon a time", "The capital of France is"], n=2,
+                                 max_tokens=6, temperature=0.8, seed=7)
+    assert [ch.text for ch in again.choices] == [ch.text for ch in r.choices]  # seeded: reproducible
+
+
+def test_completions_accept_token_ids_and_stream(api):
+    c = client(api)
+    whole = c.completions.create(model="tiny", prompt=[1, 415, 5565, 302], max_tokens=8, temperature=0)
+    chunks = list(c.completions.create(model="tiny", prompt=[1, 415, 5565, 302], max_tokens=8, temperature=0,
+                                       stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == whole.choices[0].text
+    assert whole.usage.prompt_tokens == 4 and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_n_chat_choices_are_seeded_and_distinct_indices(api):
+    c = client(api)
+    r = c.chat.completions.create(model="tiny", messages=MSG, n=3, max_tokens=8, temperature=1.0, seed=1)
+    assert sorted(ch.index for ch in r.choices) == [0, 1, 2]
+    again = c.chat.completions.create(model="tiny", messages=MSG, n=3, max_tokens=8, temperature=1.0, seed=1)
+    assert [ch.message.content for ch in again.choices] == [ch.message.content for ch in r.choices]
+    streamed = list(c.chat.completions.create(model="tiny", messages=MSG, n=3, max_tokens=8, temperature=1.0, seed=1,
+                                              stream=True))
+    by_index = {i: "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices[0].index == i) for i in range(3)}
+    assert [by_index[i] for i in range(3)] == [ch.message.content for ch in r.choices]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_are_honoured_and_not_returned(api, stream):
+    c = client(api)
+    full = c.completions.create(model="tiny", prompt="Tell me a story", max_tokens=24, temperature=0).choices[0].text
+    assert len(full) > 12
+    stop = full[6:9]
+    kwargs = dict(model="tiny", prompt="Tell me a story", max_tokens=24, temperature=0, stop=[stop, "never-appears"])
+    if stream:
+        chunks = list(c.completions.create(stream=True, **kwargs))
+        text = "".join(ch.choices[0].text for ch in chunks)
+        finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices[0].finish_reason]
+    else:
+        r = c.completions.create(**kwargs)
+        text, finish = r.choices[0].text, [r.choices[0].finish_reason]
+    assert text == full[:full.index(stop)] and finish == ["stop"]
+
+
+def test_missing_or_wrong_api_key_is_401_in_openai_format(api):
+    with pytest.raises(openai.AuthenticationError) as e:
+        client(api, key="sk-wrong").models.list()
+    assert e.value.body["code"] == "invalid_api_key"
+    status, _, body = http(api + "/models")
+    assert status == 401 and body["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_model_is_404_in_openai_format(api):
+    with pytest.raises(openai.NotFoundError) as e:
+        client(api).chat.completions.create(model="gpt-9", messages=MSG)
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+
+
+def test_invalid_parameter_is_400_naming_it(api):
+    with pytest.raises(openai.BadRequestError) as e:
+        client(api).chat.completions.create(model="tiny", messages=MSG, temperature=7)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        client(api).completions.create(model="tiny", prompt="x", n=3, best_of=2)
+    assert e.value.body["param"] == "best_of"
+
+
+def test_prompt_longer_than_context_is_400_context_length_exceeded(api):
+    with pytest.raises(openai.BadRequestError) as e:
+        client(api).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 2000}])
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as e:
+        client(api).completions.create(model="tiny", prompt="hello", max_tokens=MAX_CONTEXT)
+    assert e.value.body["code"] == "context_length_exceeded"
+
+
+def test_bad_json_oversized_body_and_unknown_route_answer_in_openai_format(api):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    status, _, body = http(api + "/chat/completions", b"{not json", auth)
+    assert status == 400 and "error" in body
+    big = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * (70 << 10)}]}).encode()
+    status, _, body = http(api + "/chat/completions", big, auth)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    status, _, body = http(api + "/embeddings", b"{}", auth)
+    assert status == 404 and body["error"]["code"] == "not_found"
+
+
+def test_32_concurrent_requests_all_succeed_and_share_batches(api):
+    async def main():
+        c = aclient(api)
+        calls = [c.chat.completions.create(model="tiny", max_tokens=16, temperature=0,
+                                           messages=[{"role": "user", "content": f"Count to {i}."}]) for i in range(24)]
+        calls += [c.completions.create(model="tiny", prompt=f"{i} + {i} =", max_tokens=16, stream=True) for i in range(8)]
+        t = time.perf_counter()
+        out = await asyncio.gather(*calls)
+        streamed = [[ch async for ch in s] for s in out[24:]]
+        return out[:24], streamed, time.perf_counter() - t
+
+    whole, streamed, _ = asyncio.run(main())
+    assert all(r.choices[0].finish_reason in ("stop", "length") for r in whole)
+    assert all(any(ch.choices[0].finish_reason for ch in s) for s in streamed)
+    solo = client(api).chat.completions.create(model="tiny", max_tokens=16, temperature=0,
+                                               messages=[{"role": "user", "content": "Count to 5."}])
+    assert whole[5].choices[0].message.content == solo.choices[0].message.content
+
+
+def test_full_queue_answers_fast_with_429_retry_after(serve_port, tiny_model_dir):
+    url = deploy(serve_port, "tight", checkpoint=str(tiny_model_dir), model_id="tiny", allow_no_auth=True,
+                 num_replicas=1, num_cpus=0.25, max_batch_size=1, max_ongoing_requests=1, max_queued_requests=1,
+                 retry_after_s=2)
+
+    async def one(c):
+        t = time.perf_counter()
+        try:
+            r = await c.completions.with_raw_response.create(model="tiny", prompt="hi", max_tokens=200, temperature=0)
+            return r.status_code, None, time.perf_counter() - t
+        except openai.APIStatusError as e:
+            return e.status_code, e, time.perf_counter() - t
+
+    async def main():
+        c = aclient(url, key="unused")
+        return await asyncio.gather(*(one(c) for _ in range(8)))
+
+    results = asyncio.run(main())
+    rejected = [(e, dt) for status, e, dt in results if status == 429]
+    assert any(status == 200 for status, _, _ in results) and rejected
+    assert all(s in (200, 429) for s, _, _ in results)
+    for e, dt in rejected:
+        assert e.response.headers["retry-after"] == "2" and e.body["code"] == "queue_full"
+        assert dt < 2.0
+
+
+def test_killing_a_replica_mid_load_loses_no_accepted_request(serve_port, tiny_model_dir):
+    import ray
+
+    url = deploy(serve_port, "kill", checkpoint=str(tiny_model_dir), model_id="tiny", allow_no_auth=True,
+                 num_replicas=2, num_cpus=0.25, max_batch_size=8)
+
+    async def one(c, i):
+        try:
+            if i % 4 == 0:
+                s = await c.completions.create(model="tiny", prompt=f"story {i}", max_tokens=48, stream=True)
+                return "ok", "".join([ch.choices[0].text async for ch in s])
+            r = await c.completions.create(model="tiny", prompt=f"story {i}", max_tokens=48)
+            return "ok", r.choices[0].text
+        except openai.APIStatusError as e:
+            return e.status_code, e.body
+        except openai.APIError as e:  # an error event in the SSE stream
+            return "stream-error", e.body
+
+    async def main():
+        c = aclient(url, key="unused")
+        tasks = [asyncio.ensure_future(one(c, i)) for i in range(24)]
+        await asyncio.sleep(0.3)
+        victim = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                      if "LLMEngine" in a["name"] and "kill" in a["name"])
+        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+        return await asyncio.wait_for(asyncio.gather(*tasks), timeout=90)
+
+    results = asyncio.run(main())
+    for status, body in results:
+        if status == "ok":
+            continue
+        # Only clean OpenAI-format failures are allowed, never a 500 or a hang.
+        assert status in (503, "stream-error") and body["code"] == "replica_unavailable"
+    assert sum(s == "ok" for s, _ in results) >= 18
