@@ -4,6 +4,7 @@ reference, the real Serve builder, job commands that parse, one Ray version ever
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import re
@@ -11,11 +12,13 @@ import shlex
 import shutil
 import subprocess
 
+import boto3
 import pytest
 import yaml
 
 from cluster.k8s_validate import DEFAULT_CRDS, validate_manifest
 from cluster.kustomize import KustomizeError, render
+from libs import storage
 from libs.cli import parse_config
 from libs.config import PretokenizeConfig, ServeConfig, TrainConfig
 from tests.cluster.conftest import OVERLAYS, ROOT, cluster_specs, find, pod_templates
@@ -178,7 +181,7 @@ def test_secrets_are_referenced_never_inlined(rendered):
 
 
 @each_overlay
-def test_serve_config_runs_the_real_builder_with_valid_args(rendered, overlay):
+def test_serve_config_runs_the_real_builder_with_valid_args(rendered, overlay, s3_server, tiny_model_dir):
     from ray.serve.schema import ServeDeploySchema
 
     service = find(rendered[overlay], "RayService", "raychat-serve")[0]
@@ -189,6 +192,11 @@ def test_serve_config_runs_the_real_builder_with_valid_args(rendered, overlay):
     assert builder is importlib.import_module("serve.app").build_app
     cfg = ServeConfig.model_validate(app.args)
     assert cfg.checkpoint.startswith("s3://")
+    # The builder resolves the checkpoint (and a run's best/latest): give it one on the moto S3 server.
+    bucket = cfg.checkpoint.removeprefix("s3://").split("/", 1)[0]
+    with contextlib.suppress(Exception):  # the other overlay's run may have made it already
+        boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    storage.upload_dir(tiny_model_dir, cfg.checkpoint)
     built = builder(app.args)
     names = {built._bound_deployment.name} | {a._bound_deployment.name for a in built._bound_deployment.init_args
                                               if hasattr(a, "_bound_deployment")}

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -185,6 +186,8 @@ def test_rayservice_serve_config_deploys_and_answers(ray_head, tiny_model_dir):
     (service,) = [d for d in render(ROOT / "k8s" / "overlays" / "cpu-dev") if d["kind"] == "RayService"]
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
     config["applications"][0]["args"]["checkpoint"] = str(tiny_model_dir)
+    # On KubeRay the key comes from the raychat-api-keys Secret as RAYCHAT_API_KEYS in every pod.
+    config["applications"][0]["runtime_env"] = {"env_vars": {"RAYCHAT_API_KEYS": "sk-test-rayservice"}}
     port = free_port()
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     headers = {"Authorization": f"Bearer {ray_head.env['RAY_AUTH_TOKEN']}", "Content-Type": "application/json"}
@@ -199,5 +202,9 @@ def test_rayservice_serve_config_deploys_and_answers(ray_head, tiny_model_dir):
         time.sleep(2)
     engine = app["deployments"]["LLMEngine"]["deployment_config"]
     assert engine["autoscaling_config"]["min_replicas"] == 1 and engine["autoscaling_config"]["max_replicas"] == 2
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30) as response:
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30)
+    assert refused.value.code == 401
+    keyed = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer sk-test-rayservice"})
+    with urllib.request.urlopen(keyed, timeout=30) as response:
         assert [m["id"] for m in json.load(response)["data"]] == ["tiny"]
