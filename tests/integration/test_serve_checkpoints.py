@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import openai
 import pytest
 
-from libs import storage
 from tests.integration.serving import deploy, serve_port  # noqa: F401 (fixture)
 from tests.fake_runs import write_run
 
@@ -54,22 +51,3 @@ def test_best_and_latest_checkpoints_of_an_s3_run_are_served(serve_port, s3_buck
     # Downloaded once each into the node cache, without the DeepSpeed training state.
     copies = [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert len(copies) == 2 and not any((p / "training_state").exists() for p in copies)
-
-
-@pytest.mark.slow
-def test_a_real_training_run_in_s3_is_served_by_best_and_latest(serve_port, s3_bucket, tmp_path):
-    from jobs.pretokenize import run as pretokenize
-    from jobs.train import run as train
-    from libs.config import PretokenizeConfig, TrainConfig
-    from libs.sample_data import sample_jsonl
-
-    storage.write_text(f"s3://{s3_bucket}/in.jsonl", sample_jsonl(48, include_bad_rows=False))
-    pretokenize(PretokenizeConfig(input=f"s3://{s3_bucket}/in.jsonl", output=f"s3://{s3_bucket}/tok"))
-    s = train(TrainConfig(data=f"s3://{s3_bucket}/tok", output=f"s3://{s3_bucket}/runs", name="r", max_steps=4,
-                          checkpoint_every=2, micro_batch_size=8, eval_fraction=0.1, learning_rate=1e-3))
-    manifest = json.loads(storage.read_text(s["manifest"]))
-    for select in ("best", "latest"):
-        card, text = serve_run(serve_port, s["run"], select, tmp_path / "cache")
-        entry = next(e for e in manifest["checkpoints"] if e["uri"] == manifest[select])
-        assert card["uri"] == manifest[select] and card["step"] == entry["step"] and card["selected"] == select
-        assert isinstance(text, str)
