@@ -49,7 +49,6 @@ QUARANTINE_DIR = "_quarantine"
 RECORDS_PER_BLOCK = 2048
 READ_CPUS = 0.1
 READ_BLOCK_BYTES = 16 * 2**20
-CALLS_PER_ACTOR = 2
 
 
 class ConversationFiles(FileBasedDatasource):
@@ -210,10 +209,7 @@ def run(cfg: PretokenizeConfig) -> dict:
                                "threads": pool.threads},
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        # Two batches at once per actor, in threads: the Rust encoder releases the GIL, so one batch's
-        # Python row logic runs while the other's text is being encoded.
-        compute=ray.data.ActorPoolStrategy(size=pool.actors, max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
-                                           enable_true_multi_threading=True),
+        compute=ray.data.ActorPoolStrategy(size=pool.actors),
         num_cpus=pool.cpus_per_actor,
     )
     try:
