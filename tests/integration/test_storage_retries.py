@@ -30,8 +30,23 @@ class FlakyS3:
             def log_message(self, *args):
                 pass
 
+            def _body(self) -> bytes:
+                """The request body, with HTTP chunked framing removed (it is forwarded with a
+                Content-Length; the AWS SDK's aws-chunked payload inside stays as it is)."""
+                if "chunked" not in self.headers.get("Transfer-Encoding", "").lower():
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                out = b""
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                            pass  # HTTP trailers
+                        return out
+                    out += self.rfile.read(size)
+                    self.rfile.readline()
+
             def _any(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self._body()
                 with lock:
                     fail = flaky.failed < flaky.failures
                     flaky.failed += int(fail)
@@ -43,7 +58,8 @@ class FlakyS3:
                     self.wfile.write(SLOW_DOWN)
                     return
                 conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "transfer-encoding", "content-length")}
+                headers["Content-Length"] = str(len(body))
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
@@ -52,7 +68,9 @@ class FlakyS3:
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD answer carries the object's size, not that of its (empty) body.
+                size = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", size)
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
