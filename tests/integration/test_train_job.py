@@ -95,6 +95,7 @@ def test_data_from_another_tokenizer_is_refused(tokenized, tmp_path):
         run(cfg(tokenized, tmp_path, base_model=str(base), max_steps=1))
 
 
+@pytest.mark.slow
 def test_two_workers_with_zero3_accumulation_and_checkpointing_train_on_packed_steps(tokenized, tmp_path):
     from jobs.train import run
     from transformers import AutoModelForCausalLM
@@ -118,6 +119,7 @@ def test_two_workers_with_zero3_accumulation_and_checkpointing_train_on_packed_s
     assert model.config.model_type == "mistral"
 
 
+@pytest.mark.slow
 def test_lora_run_saves_a_merged_model_that_differs_from_the_base_and_tensorboard_events(tokenized, tmp_path):
     pytest.importorskip("peft")
     pytest.importorskip("tensorboard")
