@@ -448,8 +448,15 @@ def per_rank_feeds(train_ds, keys: np.ndarray, plan, num_ranks: int, batch_max_l
     sort is Ray Data's distributed sort, so no node holds more than its blocks of token data.
     """
     tables_ref = ray.put({"keys": keys, "rank": plan.rank, "micro": plan.micro, "pos": plan.pos})
-    return {f"train_{r}": train_ds.map_batches(_tag_for_rank(tables_ref, r, batch_max_len + 1), batch_format="pyarrow").sort("seq")
-            for r in range(num_ranks)}
+    stride = batch_max_len + 1
+    # Range boundaries on seq: without them Ray Data samples the data and, not knowing the block
+    # count of a filtered dataset, shuffles into 200 partitions — hundreds of tasks for small data.
+    micros = int((plan.micro.max() + 1) if plan.micro.size else 1)
+    rows_per_rank = keys.size * plan.rank.shape[0] // max(num_ranks, 1)
+    parts = max(1, min(200, rows_per_rank // 8192))
+    boundaries = [k * micros // parts * stride for k in range(1, parts)] or [micros * stride]
+    return {f"train_{r}": train_ds.map_batches(_tag_for_rank(tables_ref, r, stride), batch_format="pyarrow")
+            .sort("seq", boundaries=boundaries) for r in range(num_ranks)}
 
 
 def write_manifest(result, cfg: TrainConfig, run_uri: str) -> dict:

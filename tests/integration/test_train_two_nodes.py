@@ -13,6 +13,18 @@ from libs import storage
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+def _kill_session(sid: int) -> None:
+    """Kills every process of session ``sid`` (the cluster's raylets and workers regroup themselves)."""
+    import psutil
+
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                p.kill()
+        except (OSError, psutil.Error):
+            pass
+
+
 def test_two_workers_on_two_nodes_train_from_and_checkpoint_to_s3_only(s3_server, s3_bucket, tmp_path):
     # Own process: a ray.cluster_utils.Cluster cannot share a process with the session's local Ray.
     # The nodes get separate temp dirs and the run's paths are all s3://: nothing is shared on disk.
@@ -37,9 +49,17 @@ def test_two_workers_on_two_nodes_train_from_and_checkpoint_to_s3_only(s3_server
         print("SUMMARY", json.dumps({{k: s[k] for k in ("steps", "checkpoint", "manifest", "packing_efficiency")}}))
         ray.shutdown(); cluster.shutdown()
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=os.environ.copy())
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    s = json.loads(proc.stdout.split("SUMMARY ", 1)[1].splitlines()[0])
+    # A new session, so that on a timeout the whole cluster (raylets, workers) is killed with it.
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ.copy(), start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            _kill_session(proc.pid)
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-4000:]
+    s = json.loads(stdout.split("SUMMARY ", 1)[1].splitlines()[0])
     assert s["steps"] == 4 and s["checkpoint"].startswith(f"s3://{s3_bucket}/runs/two/checkpoint_")
     manifest = json.loads(storage.read_text(s["manifest"]))
     assert manifest["latest"] == s["checkpoint"] and [c["step"] for c in manifest["checkpoints"]][-1] == 4
