@@ -65,7 +65,7 @@ def run(cfg: PipelineConfig) -> dict:
     tr = train.run(
         TrainConfig(
             data=pre["output"], output=run_uri, name="train", base_model=cfg.base_model, epochs=cfg.epochs,
-            micro_batch_size=cfg.micro_batch_size, learning_rate=cfg.learning_rate, warmup_steps=5,
+            batch_max_len=cfg.batch_max_len, learning_rate=cfg.learning_rate, warmup_steps=5,
             num_workers=cfg.num_workers, zero_stage=cfg.zero_stage, eval_fraction=0.05,
         )
     )
@@ -100,6 +100,7 @@ def summary_table(s: dict) -> str:
         *[(f"rows of condition {k!r}", v["rows"]) for k, v in pre["by_condition"].items()],
         ("tokens (supervised)", f"{pre['tokens']:,} ({pre['supervised_tokens']:,})"),
         ("train steps", tr["steps"]),
+        ("packing efficiency (epoch 1)", f"{tr['packing_efficiency'][0]:.4f}"),
         ("loss first → last", f"{tr['loss_first']:.3f} → {tr['loss_last']:.3f}"),
         ("eval loss (held-out rows)", "-" if tr["eval_loss"] is None else f"{tr['eval_loss']:.3f} ({tr['eval_rows']} rows)"),
         ("checkpoint", tr["checkpoint"]),

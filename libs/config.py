@@ -116,11 +116,23 @@ class TrainConfig(_Config):
     num_workers: int = Field(default=1, gt=0, description="Ray Train workers (one per GPU, or per CPU slot).")
     use_gpu: bool = Field(default=False, description="Give each worker one GPU (NCCL, bf16).")
     cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs reserved per training worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK", description="Ray placement of the workers: PACK fills nodes first; STRICT_SPREAD puts each worker on its own node."
+    )
     zero_stage: int = Field(default=2, ge=0, le=3, description="DeepSpeed ZeRO stage (0-3).")
     epochs: int = Field(default=1, gt=0, description="Passes over the data.")
     max_steps: int | None = Field(default=None, gt=0, description="Stop after this many optimizer steps (unset = all epochs).")
-    micro_batch_size: int = Field(default=8, gt=0, description="Conversations per worker per step.")
-    learning_rate: float = Field(default=1e-5, gt=0, description="Peak AdamW learning rate.")
+    batch_max_len: int = Field(
+        default=16384, gt=8,
+        description="Token budget of one pack: whole conversations are bin-packed (no padding) into packs of at most this many tokens, one per worker per micro-step.",
+    )
+    grad_accum: int = Field(default=1, gt=0, description="Packs per worker per optimizer step (gradient accumulation); Σ w still spans the whole step.")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in the backward pass (less memory, ~30% more compute).")
+    learning_rate: float = Field(default=1e-5, gt=0, description="Peak AdamW learning rate (ignored with --auto-lr).")
+    auto_lr: bool = Field(
+        default=False,
+        description="OpenChat's automatic LR: 3e-4 (÷6 for Mistral) × √(supervised tokens per step / 4M), from batch_max_len × workers × grad_accum and the data's supervised share.",
+    )
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Cosine decay floor as a fraction of the peak LR.")
     warmup_steps: int = Field(default=10, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(default=0.1, ge=0, description="AdamW weight decay.")
@@ -134,6 +146,20 @@ class TrainConfig(_Config):
     eval_fraction: float = Field(default=0.02, ge=0, lt=1, description="Held-out share of rows (stable hash of the row id) for eval loss; 0 disables.")
     eval_every: int | None = Field(default=None, gt=0, description="Also evaluate every N steps (always before each checkpoint).")
     max_failures: int = Field(default=1, ge=0, description="Restarts of a failed worker group from the last checkpoint (Ray Train FailureConfig).")
+    lora_r: int | None = Field(default=None, gt=0, description="Train LoRA adapters of this rank (PEFT) instead of all weights; checkpoints hold the merged model. Needs the lora extra.")
+    lora_alpha: float = Field(default=16.0, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / r).")
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names that get LoRA adapters.",
+    )
+    tensorboard_dir: str | None = Field(default=None, description="Also write TensorBoard event files here (local path; needs the tensorboard extra).")
+
+    @model_validator(mode="after")
+    def _lora_not_with_zero3(self):
+        if self.lora_r is not None and self.zero_stage == 3:
+            raise ValueError("lora_r with zero_stage 3 is not supported (merging needs full weights): use zero_stage 2")
+        return self
 
 
 class ServeConfig(_Config):
@@ -195,7 +221,7 @@ class PipelineConfig(_Config):
     sample_rows: int = Field(default=200, gt=0, description="Rows of built-in sample data (plus 5 malformed rows to show quarantine).")
     base_model: str | None = Field(default=None, description="HF model directory (local or s3://); unset = tiny random-init Mistral.")
     epochs: int = Field(default=3, gt=0, description="Training epochs.")
-    micro_batch_size: int = Field(default=8, gt=0, description="Conversations per worker per step.")
+    batch_max_len: int = Field(default=512, gt=8, description="Token budget of one training pack (whole conversations, no padding).")
     learning_rate: float = Field(default=1e-3, gt=0, description="Peak learning rate (high, for the tiny random-init model).")
     num_workers: int = Field(default=1, gt=0, description="Ray Train workers.")
     zero_stage: int = Field(default=2, ge=0, le=3, description="DeepSpeed ZeRO stage.")

@@ -47,7 +47,7 @@ SERVE_METRICS: tuple[MetricSpec, ...] = (
 )
 
 TRAIN_METRICS: tuple[MetricSpec, ...] = (
-    MetricSpec("raychat_train_loss", "gauge", "C-RLFT training loss (Σ w·CE / Σ w over the global batch) of the last step.", ("run",)),
+    MetricSpec("raychat_train_loss", "gauge", "C-RLFT training loss (sum w*CE / sum w over the global batch) of the last step.", ("run",)),
     MetricSpec("raychat_train_eval_loss", "gauge", "Weighted held-out loss of the last evaluation.", ("run",)),
     MetricSpec("raychat_train_learning_rate", "gauge", "Learning rate of the last step.", ("run",)),
     MetricSpec("raychat_train_grad_norm", "gauge", "Gradient norm (before clipping) of the last step.", ("run",)),

@@ -62,3 +62,70 @@ def load_causal_lm(path: str | os.PathLike, dtype=None):
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
     tok = AutoTokenizer.from_pretrained(str(path))
     return model, tok
+
+
+def add_missing_eot(model, tokenizer) -> bool:
+    """Adds ``<|end_of_turn|>`` to a base model that lacks it; its embedding is the mean of the others.
+
+    The new token gets the next id (``len(tokenizer)`` before adding), the id the tokenizers
+    library gives it in the data check of ``jobs.train`` as well, and its
+    input (and untied output) embedding row is set to the mean of the existing rows — a neutral
+    start that does not disturb the existing tokens' distribution.
+
+    Returns:
+        Whether the token was added.
+    """
+    import torch
+
+    if EOT_TOKEN in tokenizer.get_vocab():
+        return False
+    old = model.get_input_embeddings().weight.shape[0]
+    tokenizer.add_special_tokens({"additional_special_tokens": [EOT_TOKEN]})
+    new = len(tokenizer)
+    model.resize_token_embeddings(new, mean_resizing=False)
+    with torch.no_grad():
+        for emb in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}.values():
+            emb.weight[old:new] = emb.weight[:old].mean(dim=0, keepdim=True)
+    return True
+
+
+def lora_model(model, r: int, alpha: float, dropout: float, target_modules: list[str]):
+    """Wraps ``model`` with PEFT LoRA adapters (only they train); needs the ``lora`` extra."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise SystemExit("--lora-r needs peft: pip install 'raychat[lora]'") from e
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def merged_state_dict(model) -> dict:
+    """The plain-HF state dict of ``model``, with any LoRA adapters merged into the base weights.
+
+    Computed out of place (W + ΔW per adapted layer): the training model keeps its unmerged
+    weights, so no rounding drift accumulates across checkpoints (merging in place and unmerging
+    would not give W back exactly in bf16).
+    """
+    if not hasattr(model, "get_base_model"):
+        return model.state_dict()
+    base = model.get_base_model()
+    out = {}
+    for key, value in base.state_dict().items():
+        if "lora_" in key:
+            continue
+        if ".base_layer." in key:
+            path, leaf = key.rsplit(".base_layer.", 1)
+            if leaf == "weight":
+                layer = base.get_submodule(path)
+                for adapter in layer.active_adapters:
+                    value = value + layer.get_delta_weight(adapter).to(value.dtype)
+            key = f"{path}.{leaf}"
+        out[key] = value.detach().contiguous()
+    return out
+
+
+def save_hf_model(model, tokenizer, directory: str | os.PathLike) -> None:
+    """Writes a plain HF model directory (safetensors; LoRA merged) that ``from_pretrained`` loads."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner.save_pretrained(directory, state_dict=merged_state_dict(model), safe_serialization=True)
+    tokenizer.save_pretrained(directory)

@@ -38,7 +38,7 @@ Packing and the forward pass (:func:`pack`, :func:`packed_forward`)
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -244,9 +244,6 @@ def pack(rows_ids: Sequence[Sequence[int]], rows_weights: Sequence[Sequence[floa
         raise ValueError(f"{len(rows_ids)} id rows but {len(rows_weights)} weight rows")
     if not rows_ids:
         raise ValueError("cannot pack zero rows")
-    ids: list[int] = []
-    weights: list[float] = []
-    positions: list[int] = []
     seq_lens: list[int] = []
     for k, (row_ids, row_w) in enumerate(zip(rows_ids, rows_weights)):
         n = len(row_ids)
@@ -257,17 +254,19 @@ def pack(rows_ids: Sequence[Sequence[int]], rows_weights: Sequence[Sequence[floa
                 f"row {k}: first weight is {row_w[0]}, must be 0 — otherwise the previous row's last "
                 "token would be trained to predict this row's first token"
             )
-        ids.extend(row_ids)
-        weights.extend(row_w)
-        positions.extend(range(n))
         seq_lens.append(n)
-    lens_t = torch.tensor(seq_lens, dtype=torch.long)
+    ids = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows_ids])
+    weights = np.concatenate([np.asarray(r, dtype=np.float32) for r in rows_weights])
+    lens_np = np.asarray(seq_lens, dtype=np.int64)
+    # Position of each token within its row: global index minus its row's start.
+    positions = np.arange(ids.size, dtype=np.int64) - np.repeat(np.cumsum(lens_np) - lens_np, lens_np)
+    lens_t = torch.from_numpy(lens_np)
     cu = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(lens_t, 0)
     return {
-        "input_ids": torch.tensor(ids, dtype=torch.long).unsqueeze(0),
-        "weights": torch.tensor(weights, dtype=torch.float32).unsqueeze(0),
-        "position_ids": torch.tensor(positions, dtype=torch.long).unsqueeze(0),
+        "input_ids": torch.from_numpy(ids).unsqueeze(0),
+        "weights": torch.from_numpy(weights).unsqueeze(0),
+        "position_ids": torch.from_numpy(positions).unsqueeze(0),
         "seq_lens": lens_t,
         "cu_seqlens": cu,
     }
@@ -340,3 +339,136 @@ def packed_forward(model, packed: dict[str, torch.Tensor]) -> torch.Tensor:
         )
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
     return out.logits
+
+
+# --- the training feed: a multi-epoch plan as per-row tables, and regrouping rows into packs ------
+
+
+@dataclass
+class FeedPlan:
+    """Every epoch's packs for every rank, as per-row tables (what the data feed joins rows against).
+
+    Rows are addressed by their position ``i`` in the ``lengths`` given to :func:`plan_feed`. For
+    epoch ``e``, row ``i`` goes to rank ``rank[e, i]`` (-1: not used that epoch) as position
+    ``pos[e, i]`` of *micro-batch* ``micro[e, i]``. Micro-batches are numbered globally across
+    epochs, ``micro = optimizer_step * accum + m`` with ``m < accum``, so a rank's rows sorted by
+    ``(micro, pos)`` are exactly its packs in training order, and resuming at optimizer step ``s``
+    means skipping micro-batches below ``s * accum``.
+
+    Attributes:
+        steps_per_epoch: Optimizer steps of each epoch (identical for every rank).
+        efficiency: Packing efficiency of each epoch (real tokens / token budget).
+        left_out: Rows not used in each epoch (they get a fresh chance in the next shuffle).
+        too_long: Rows longer than ``batch_max_len`` (never used).
+        rank, micro, pos: ``[epochs, rows]`` tables (int16, int64, int32).
+    """
+
+    steps_per_epoch: list[int]
+    efficiency: list[float]
+    left_out: list[int]
+    too_long: int
+    rank: np.ndarray
+    micro: np.ndarray
+    pos: np.ndarray
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps over all epochs."""
+        return sum(self.steps_per_epoch)
+
+    def rows_of(self, epoch: int, rank: int) -> np.ndarray:
+        """Row indices ``rank`` trains on in ``epoch``, in training order."""
+        sel = np.flatnonzero(self.rank[epoch] == rank)
+        return sel[np.lexsort((self.pos[epoch, sel], self.micro[epoch, sel]))]
+
+
+def plan_feed(
+    lengths: Sequence[int],
+    batch_max_len: int,
+    num_ranks: int,
+    seed: int,
+    epochs: int,
+    *,
+    accum: int = 1,
+    group_bins: int = DEFAULT_GROUP_BINS,
+) -> FeedPlan:
+    """Plans ``epochs`` epochs of packs with :func:`plan_epoch` and turns them into row tables.
+
+    Each optimizer step gives every rank ``accum`` packs (gradient accumulation): the epoch is
+    planned for ``num_ranks * accum`` packs per step and rank ``r`` takes packs
+    ``r * accum ... r * accum + accum - 1`` of each step. Rows longer than ``batch_max_len`` are
+    never used (counted in ``too_long``) instead of failing the run.
+
+    Returns:
+        The :class:`FeedPlan`; deterministic in all arguments.
+    """
+    if accum < 1 or epochs < 1:
+        raise ValueError(f"accum and epochs must be >= 1, got {accum}, {epochs}")
+    lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    eligible = np.flatnonzero((lens <= batch_max_len) & (lens >= 1))
+    n = lens.size
+    rank = np.full((epochs, n), -1, dtype=np.int16)
+    micro = np.full((epochs, n), -1, dtype=np.int64)
+    pos = np.full((epochs, n), -1, dtype=np.int32)
+    steps_per_epoch, efficiency, left_out = [], [], []
+    done_steps = 0
+    for e in range(epochs):
+        plan = plan_epoch(lens[eligible], batch_max_len, num_ranks * accum, seed, e, group_bins=group_bins)
+        for s, step in enumerate(plan.steps):
+            for k, rows in enumerate(step):
+                idx = eligible[np.asarray(rows, dtype=np.int64)]
+                rank[e, idx] = k // accum
+                micro[e, idx] = (done_steps + s) * accum + k % accum
+                pos[e, idx] = np.arange(idx.size, dtype=np.int32)
+        steps_per_epoch.append(plan.num_steps)
+        efficiency.append(plan.efficiency)
+        left_out.append(plan.left_out + (n - eligible.size))
+        done_steps += plan.num_steps
+    return FeedPlan(steps_per_epoch, efficiency, left_out, int(n - eligible.size), rank, micro, pos)
+
+
+def row_keys(files: Sequence[str], indices: Sequence[int]) -> np.ndarray:
+    """A stable 64-bit key per training row from its source ``(file, index)`` (unique per data run).
+
+    The data stage writes one row per source record, so ``(file, index)`` identifies a row
+    whatever order a reader yields rows in; the key is what the feed joins rows to the plan on.
+    """
+    import hashlib
+
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(f"{f}\x00{i}".encode(), digest_size=8).digest(), "little") for f, i in zip(files, indices)),
+        dtype=np.uint64,
+        count=len(files),
+    )
+
+
+def group_packs(batches) -> Iterator[tuple[int, list, list]]:
+    """Regroups a rank's row stream (sorted by micro-batch, then position) into whole packs.
+
+    Args:
+        batches: Iterable of dicts with ``micro`` (int array), ``input_ids`` and ``weights``
+            (sequences of per-row arrays), as Ray Data's ``iter_batches(batch_format="numpy")``
+            yields them; a pack may span batch boundaries.
+
+    Yields:
+        ``(micro, rows_ids, rows_weights)`` per pack, in stream order.
+
+    Raises:
+        ValueError: If a micro-batch number reappears after another one (the stream is not sorted).
+    """
+    current, ids, ws = None, [], []
+    seen: set[int] = set()
+    for batch in batches:
+        for m, row_ids, row_w in zip(batch["micro"], batch["input_ids"], batch["weights"]):
+            m = int(m)
+            if m != current:
+                if current is not None:
+                    yield current, ids, ws
+                if m in seen:
+                    raise ValueError(f"micro-batch {m} appears twice in the stream: rows are not sorted by (micro, pos)")
+                seen.add(m)
+                current, ids, ws = m, [], []
+            ids.append(row_ids)
+            ws.append(row_w)
+    if current is not None:
+        yield current, ids, ws

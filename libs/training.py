@@ -1,17 +1,47 @@
-"""Ray-free training pieces: batching, the LR schedule, DeepSpeed config and the loss step.
+"""Ray-free training pieces: the packed C-RLFT step, the LR schedule and the DeepSpeed config.
 
-``jobs.train`` wires these into Ray Train; a GPU box without Ray can import them directly.
+``jobs.train`` wires these into Ray Train; a GPU box without Ray or DeepSpeed can import them
+directly. One packed training step, as the job runs it::
+
+    from libs.packing import pack
+    from libs.training import forward_packed_ce, train_step
+
+    packed = pack(rows_ids, rows_weights)            # whole conversations, no padding
+    parts = forward_packed_ce(model, packed)         # Σ w·CE, Σ w, Σ w·correct of the pack
+    (parts.loss_sum / parts.weight_sum).backward()   # one process, one pack: the C-RLFT loss
+
+``train_step(engine, [packed, ...], world, all_reduce)`` is the full data-parallel step: Σ w over
+every rank's accumulation packs is known before the first backward, so the gradients equal those
+of Σ w·CE / Σ w over the global batch however tokens are split across ranks and micro-steps.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
 
 import torch
 
 from libs.config import TrainConfig
-from libs.loss import WeightedCE, weighted_cross_entropy
+from libs.loss import WeightedCE, crlft_loss, weighted_cross_entropy
+from libs.packing import packed_forward
+
+#: OpenChat's reference point for the automatic LR: LLaMA's 3e-4 at a 4M-token batch.
+OPENCHAT_BASE_LR = 3e-4
+OPENCHAT_BASE_TOKENS = 4_000_000
+#: OpenChat divides the base LR by 6 for Mistral models.
+OPENCHAT_LR_DIVISORS = {"mistral": 6.0}
+
+
+class Engine(Protocol):
+    """What :func:`train_step` needs: DeepSpeed's engine API (a model that also steps itself)."""
+
+    def __call__(self, **kwargs): ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> None: ...
 
 
 def collate(input_ids: Sequence[Sequence[int]], weights: Sequence[Sequence[float]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -37,20 +67,120 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def openchat_auto_lr(batch_max_len: int, num_ranks: int, supervised_ratio: float, model_type: str, accum: int = 1) -> float:
+    """OpenChat's automatic learning rate: LLaMA's LR scaled by √(supervised tokens per step / 4M).
+
+    ``lr = base · √(batch_max_len · ranks · accum · supervised_ratio / 4_000_000)`` with base 3e-4
+    (÷ 6 for Mistral), as in ``ochat/training_deepspeed/train.py``; ``supervised_ratio`` is the
+    share of tokens with a non-zero loss weight.
+    """
+    base = OPENCHAT_BASE_LR
+    for name, divisor in OPENCHAT_LR_DIVISORS.items():
+        if name in model_type.lower():
+            base /= divisor
+    supervised_tokens = batch_max_len * num_ranks * accum * supervised_ratio
+    return base * math.sqrt(supervised_tokens / OPENCHAT_BASE_TOKENS)
+
+
 def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
-    """The DeepSpeed config for ``cfg`` (optimizer and scheduler are passed in as objects)."""
+    """The DeepSpeed config for ``cfg`` (optimizer and scheduler are passed in as objects).
+
+    One micro-batch is one pack (``train_micro_batch_size_per_gpu`` 1); ``grad_accum`` packs make
+    an optimizer step.
+    """
     return {
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": bf16},
+        # The optimizer is a torch one passed in; ZeRO only checks it is one of its known kinds.
+        "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
 
 
 def forward_weighted_ce(model, batch: dict[str, torch.Tensor]) -> WeightedCE:
-    """One forward pass and the C-RLFT sums for a collated micro-batch."""
+    """One forward pass and the C-RLFT sums for a collated (padded) micro-batch."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     return weighted_cross_entropy(out.logits, batch["input_ids"], batch["weights"])
+
+
+def forward_packed_ce(model, packed: dict[str, torch.Tensor]) -> WeightedCE:
+    """One forward pass over a pack from :func:`libs.packing.pack` and its C-RLFT sums.
+
+    Attention never crosses conversations (see :func:`libs.packing.packed_forward`), and the sums
+    equal those of running each conversation alone.
+    """
+    logits = packed_forward(model, packed)
+    return weighted_cross_entropy(logits, packed["input_ids"].to(logits.device), packed["weights"].to(logits.device))
+
+
+def pack_weight_sum(packed: dict[str, torch.Tensor]) -> float:
+    """Σ w of a pack as :func:`libs.loss.weighted_cross_entropy` counts it (first position excluded)."""
+    return float(packed["weights"][:, 1:].sum())
+
+
+@dataclass
+class StepResult:
+    """Global (all ranks, all micro-steps) results of one optimizer step."""
+
+    loss: float
+    weighted_accuracy: float
+    weight_sum: float
+    tokens: int  # real tokens of the step's packs, all ranks
+
+    def as_dict(self) -> dict:
+        return {"loss": self.loss, "weighted_accuracy": self.weighted_accuracy, "weight_sum": self.weight_sum}
+
+
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def train_step(engine: Engine, packs: Sequence[dict[str, torch.Tensor]], world: int = 1,
+               all_reduce: AllReduce = _identity, gas_divides: bool = True) -> StepResult:
+    """One optimizer step over this rank's ``packs`` (one per accumulation micro-step).
+
+    Σ w of the whole global batch is all-reduced *before* the first backward (the weights are in
+    the data), so each micro-step's loss is ``Σ w·CE_local · world · accum / Σ w_global``: the
+    engine averages gradients over ranks (÷ world) and, like DeepSpeed with ``gas_divides``,
+    divides each micro-step's loss by ``accum``; what remains is exactly the gradient of
+    Σ w·CE / Σ w over every token of the step.
+
+    Args:
+        engine: A DeepSpeed engine (``backward`` then ``step`` per micro-step).
+        packs: This rank's packs for the step; every rank must pass the same number.
+        world: Data-parallel ranks.
+        all_reduce: In-place sum over ranks (``torch.distributed.all_reduce``); identity alone.
+        gas_divides: Whether ``engine.backward`` divides by the accumulation steps (DeepSpeed does).
+    """
+    device = getattr(engine, "device", None)
+    accum = len(packs)
+    local_w = sum(pack_weight_sum(p) for p in packs)
+    global_w = all_reduce(torch.tensor([local_w], dtype=torch.float64, device=device))
+    global_w = float(global_w[0])
+    scale = world * (accum if gas_divides else 1)
+    loss_sum = correct = 0.0
+    tokens = 0
+    for packed in packs:
+        parts = forward_packed_ce(engine, packed)
+        engine.backward(crlft_loss(parts, global_w, scale))
+        engine.step()
+        loss_sum += float(parts.loss_sum.detach())
+        correct += float(parts.correct_weight)
+        tokens += int(packed["input_ids"].numel())
+    stats = all_reduce(torch.tensor([loss_sum, correct, tokens], dtype=torch.float64, device=device))
+    denom = max(global_w, 1e-8)
+    return StepResult(float(stats[0]) / denom, float(stats[1]) / denom, global_w, int(stats[2]))
+
+
+def eval_sums(model, packed: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """``(Σ w·CE, Σ w)`` of a pack without gradients (combine across packs and ranks, then divide)."""
+    with torch.no_grad():
+        parts = forward_packed_ce(model, packed)
+    return float(parts.loss_sum), float(parts.weight_sum)

@@ -25,7 +25,7 @@ def pipeline(ray_local, tmp_path_factory):
     os.chdir(tmp_path_factory.mktemp("cwd"))
     try:
         cfg = PipelineConfig(workdir="runs", run_id="it", sample_rows=64, epochs=2,
-                             micro_batch_size=8, port=port, keep_serving=True, max_tokens=8)
+                             batch_max_len=256, port=port, keep_serving=True, max_tokens=8)
         summary = run(cfg)
     finally:
         os.chdir(cwd)
@@ -40,7 +40,8 @@ def test_loss_falls_and_every_row_is_accounted_for(pipeline):
     assert pre["read"] == 69 and pre["written"] == 64 and pre["quarantined"] == 5
     assert pre["read"] == pre["written"] + pre["quarantined"] + pre["dropped"]
     assert tr["rows"] + tr["eval_rows"] == 64 and tr["eval_rows"] > 0
-    assert tr["steps"] == 2 * -(-tr["rows"] // 8)  # 2 epochs of ceil(rows / micro-batch 8)
+    assert tr["steps"] == sum(tr["steps_per_epoch"]) and len(tr["steps_per_epoch"]) == 2  # 2 epochs of packed steps
+    assert min(tr["packing_efficiency"]) >= 0.9
     assert tr["loss_last"] < tr["loss_first"] - 1.0
 
 

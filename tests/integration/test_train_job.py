@@ -28,7 +28,7 @@ def tokenized(ray_local, tmp_path_factory):
 def cfg(tokenized, out, **kw):
     from libs.config import TrainConfig
 
-    base = dict(data=tokenized, output=str(out), name="run", micro_batch_size=8, learning_rate=1e-3, warmup_steps=2,
+    base = dict(data=tokenized, output=str(out), name="run", batch_max_len=256, learning_rate=1e-3, warmup_steps=2,
                 eval_fraction=0.1, epochs=5)
     return TrainConfig(**(base | kw))
 
@@ -93,3 +93,46 @@ def test_data_from_another_tokenizer_is_refused(tokenized, tmp_path):
     tok.save_pretrained(base)
     with pytest.raises(SystemExit, match="tokenized with tokenizer 'embedded'"):
         run(cfg(tokenized, tmp_path, base_model=str(base), max_steps=1))
+
+
+@pytest.mark.slow
+def test_two_workers_with_zero3_accumulation_and_checkpointing_train_on_packed_steps(tokenized, tmp_path):
+    from jobs.train import run
+    from transformers import AutoModelForCausalLM
+
+    s = run(cfg(tokenized, tmp_path, num_workers=2, cpus_per_worker=0.5, zero_stage=3, grad_accum=2,
+                gradient_checkpointing=True, max_steps=3, epochs=1))
+    assert s["steps"] == 3 and [h["step"] for h in s["history"]] == [1, 2, 3]
+    budget = 2 * 2 * 256  # workers × accumulation packs × batch_max_len
+    for h in s["history"]:
+        assert 0 < h["tokens"] <= budget
+        assert h["packing_efficiency"] == pytest.approx(h["tokens"] / budget)
+        assert h["grad_norm"] > 0 and h["lr"] > 0
+    assert s["packing_efficiency"][0] >= 0.9
+    # Every step metric reaches Prometheus under a name the dashboards know (libs/metrics.py).
+    from jobs.train import _GAUGE_OF
+    from libs.metrics import TRAIN_METRICS
+
+    assert set(_GAUGE_OF.values()) == {m.name for m in TRAIN_METRICS}
+    assert set(_GAUGE_OF) - {"eval_loss"} <= set(s["history"][-1]) and s["eval_loss"] is not None
+    model = AutoModelForCausalLM.from_pretrained(s["checkpoint"], use_safetensors=True)
+    assert model.config.model_type == "mistral"
+
+
+@pytest.mark.slow
+def test_lora_run_saves_a_merged_model_that_differs_from_the_base_and_tensorboard_events(tokenized, tmp_path):
+    pytest.importorskip("peft")
+    pytest.importorskip("tensorboard")
+    import torch
+    from jobs.train import run
+    from transformers import AutoModelForCausalLM
+
+    s = run(cfg(tokenized, tmp_path, lora_r=4, learning_rate=5e-2, warmup_steps=0, max_steps=2, eval_fraction=0,
+                tensorboard_dir=str(tmp_path / "tb"), log_every=1))
+    trained = AutoModelForCausalLM.from_pretrained(s["checkpoint"], use_safetensors=True)
+    base = AutoModelForCausalLM.from_pretrained(s["base_model"], use_safetensors=True)
+    assert not any("lora" in k for k in trained.state_dict())
+    changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert changed and all(any(m in k for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+                           for k in changed), changed
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

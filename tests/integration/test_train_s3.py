@@ -19,7 +19,7 @@ def test_train_writes_checkpoints_and_manifest_to_s3(ray_local, s3_bucket, tmp_p
     storage.write_text(f"s3://{s3_bucket}/in.jsonl", sample_jsonl(48, include_bad_rows=False))
     pretokenize(PretokenizeConfig(input=f"s3://{s3_bucket}/in.jsonl", output=f"s3://{s3_bucket}/tok"))
     s = train(TrainConfig(data=f"s3://{s3_bucket}/tok", output=f"s3://{s3_bucket}/runs", name="r", max_steps=2,
-                          micro_batch_size=8, eval_fraction=0.1, learning_rate=1e-3))
+                          batch_max_len=256, eval_fraction=0.1, learning_rate=1e-3))
     manifest = json.loads(storage.read_text(s["manifest"]))
     assert s["checkpoint"].startswith(f"s3://{s3_bucket}/runs/r/checkpoint_")
     assert manifest["latest"] == s["checkpoint"] and manifest["best"].startswith("s3://")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from libs.loss import weighted_cross_entropy
-from libs.packing import document_causal_mask, pack, packed_forward, plan_epoch
+from libs.packing import document_causal_mask, group_packs, pack, packed_forward, plan_epoch, plan_feed, row_keys
 
 BUDGET = 65536
 
@@ -275,3 +275,93 @@ def test_planning_100k_rows_takes_under_two_seconds():
     print(f"planned 100k rows in {elapsed:.3f}s, efficiency={plan.efficiency:.5f}")
     assert elapsed < 2.0
     assert plan.efficiency >= 0.995
+
+
+# --- plan_feed / group_packs / row_keys: the training feed ---------------------------------------
+
+
+def packs_of(plan, epoch, rank):
+    """{micro: [rows in pack order]} of one rank in one epoch."""
+    out: dict[int, list[int]] = {}
+    for i in plan.rows_of(epoch, rank):
+        out.setdefault(int(plan.micro[epoch, i]), []).append(int(i))
+    return out
+
+
+def test_plan_feed_gives_every_rank_accum_packs_per_step_within_budget():
+    lengths = sharegpt_like_lengths(3000, seed=2)
+    budget, ranks, accum, epochs = 16384, 2, 2, 2
+    plan = plan_feed(lengths, budget, ranks, seed=1, epochs=epochs, accum=accum)
+    first = 0
+    for e in range(epochs):
+        steps = plan.steps_per_epoch[e]
+        expected_micros = list(range(first * accum, (first + steps) * accum))
+        used = []
+        for r in range(ranks):
+            packs = packs_of(plan, e, r)
+            assert sorted(packs) == expected_micros, "every rank needs one pack per micro-step"
+            assert all(lengths[rows].sum() <= budget for rows in packs.values())
+            assert all(plan.pos[e, rows].tolist() == list(range(len(rows))) for rows in packs.values())
+            used += [i for rows in packs.values() for i in rows]
+        assert len(used) == len(set(used)) == len(lengths) - plan.left_out[e]
+        assert plan.efficiency[e] == pytest.approx(lengths[used].sum() / (steps * ranks * accum * budget))
+        assert plan.efficiency[e] >= 0.99
+        first += steps
+    assert plan.total_steps == first
+
+
+def test_plan_feed_uses_plan_epoch_packs_rank_major():
+    lengths = sharegpt_like_lengths(2000, seed=3)
+    plan = plan_feed(lengths, 8192, 2, seed=5, epochs=1, accum=3)
+    reference = plan_epoch(lengths, 8192, 6, seed=5, epoch=0)
+    for s, step in enumerate(reference.steps):
+        for k, rows in enumerate(step):
+            rank, m = divmod(k, 3)
+            assert sorted(packs_of(plan, 0, rank)[s * 3 + m]) == sorted(rows)
+
+
+def test_plan_feed_leaves_out_rows_longer_than_the_budget_instead_of_failing():
+    lengths = np.array([60, 5000, 40, 60, 40, 30, 70])
+    plan = plan_feed(lengths, 100, 1, seed=0, epochs=2)
+    assert plan.too_long == 1
+    assert (plan.rank[:, 1] == -1).all()
+    assert all(n >= 1 for n in plan.left_out)
+
+
+def test_group_packs_regroups_rows_across_batch_boundaries():
+    batches = [
+        {"micro": np.array([4, 4, 5]), "input_ids": [[1, 2], [1, 3], [1, 4]], "weights": [[0, 1], [0, 1], [0, 1]]},
+        {"micro": np.array([5, 6]), "input_ids": [[1, 5], [1, 6]], "weights": [[0, 1], [0, 1]]},
+    ]
+    got = [(m, ids) for m, ids, _ in group_packs(batches)]
+    assert got == [(4, [[1, 2], [1, 3]]), (5, [[1, 4], [1, 5]]), (6, [[1, 6]])]
+
+
+def test_group_packs_rejects_an_unsorted_stream():
+    batches = [{"micro": np.array([1, 2, 1]), "input_ids": [[1], [1], [1]], "weights": [[0], [0], [0]]}]
+    with pytest.raises(ValueError, match="micro-batch 1 appears twice"):
+        list(group_packs(batches))
+
+
+def test_row_keys_are_stable_and_tell_rows_apart():
+    a = row_keys(["/d/a.jsonl", "/d/a.jsonl", "/d/b.jsonl"], [0, 1, 0])
+    assert a.dtype == np.uint64 and len(set(a.tolist())) == 3
+    assert row_keys(["/d/a.jsonl"], [1])[0] == a[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attn", ["flash_attention_2", "flex_attention", "sdpa"])
+def test_packed_forward_on_gpu_in_bf16_matches_rows_alone(tiny_model_dir, attn):
+    """The GPU path: varlen kernels (from restarting position_ids) or the 4D mask, in bf16."""
+    from libs.model import load_causal_lm
+
+    if attn == "flash_attention_2":
+        pytest.importorskip("flash_attn")
+    model, _ = load_causal_lm(tiny_model_dir, dtype=torch.bfloat16)
+    model = model.cuda().eval()
+    model.set_attn_implementation(attn)
+    rows_ids, rows_w = three_rows()
+    with torch.no_grad():
+        logits = packed_forward(model, pack(rows_ids, rows_w))[0].float()
+        alone = torch.cat([model(input_ids=torch.tensor([ids], device="cuda")).logits[0].float() for ids in rows_ids])
+    torch.testing.assert_close(logits, alone, atol=3e-2, rtol=3e-2)
