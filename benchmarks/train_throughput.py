@@ -9,7 +9,8 @@ Side by side, in one run, on the same model, the same rows and the same cores (m
 
 * **raychat**: rows packed by :func:`libs.packing.plan_epoch` into ``--batch-max-len`` token budgets,
   one padding-free sequence per step (:func:`libs.packing.pack`), attention kept inside each row
-  (:func:`libs.packing.packed_forward`), loss Σ w·CE / Σ w (:mod:`libs.loss`), AdamW;
+  and the C-RLFT sums by :func:`libs.training.forward_packed_ce` (what ``jobs.train`` runs), loss
+  Σ w·CE / Σ w, AdamW;
 * **baseline**: ``transformers.Trainer`` on the same rows, ``--baseline-batch-size`` rows per step
   padded to the longest (the usual collator), labels -100 on unsupervised tokens.
 
@@ -129,8 +130,8 @@ def _has_flash_attn() -> bool:
 
 def run_packed(rows: Rows, args, seed: int) -> dict:
     """One epoch of raychat's packed step; returns tokens/s and packing figures."""
-    from libs.loss import crlft_loss, weighted_cross_entropy
-    from libs.packing import pack, packed_forward, plan_epoch
+    from libs.packing import pack, plan_epoch
+    from libs.training import forward_packed_ce
 
     dtype = getattr(torch, args.dtype)
     model = build_model(args.model, args.vocab, args.max_length, args.device, dtype, seed)
@@ -143,9 +144,8 @@ def run_packed(rows: Rows, args, seed: int) -> dict:
     t0 = time.perf_counter()
     for idx in steps:
         packed = pack([rows.input_ids[i] for i in idx], [rows.weights[i] for i in idx])
-        logits = packed_forward(model, packed)
-        parts = weighted_cross_entropy(logits, packed["input_ids"].to(logits.device), packed["weights"].to(logits.device))
-        crlft_loss(parts, parts.weight_sum).backward()
+        parts = forward_packed_ce(model, packed)  # the job's packed forward + C-RLFT sums
+        (parts.loss_sum / parts.weight_sum.clamp_min(1e-8)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -254,8 +254,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1500, help="conversations to train on (one epoch)")
     ap.add_argument("--max-length", type=int, default=2048, help="truncate rows to this many tokens")
-    ap.add_argument("--batch-max-len", type=int, default=8192, help="raychat's token budget per step")
-    ap.add_argument("--baseline-batch-size", type=int, default=4, help="Trainer rows per step (padded to the longest)")
+    ap.add_argument("--batch-max-len", type=int, default=4096, help="raychat's token budget per step")
+    ap.add_argument("--baseline-batch-size", type=int, default=8, help="Trainer rows per step, padded to the longest (8 is Trainer's default)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repetitions (medians reported)")
     ap.add_argument("--max-steps", type=int, default=0, help="cap the steps of each run (0 = whole epoch)")
     ap.add_argument("--synthetic", action="store_true", help="log-normal ShareGPT-like lengths, no dataset needed")
