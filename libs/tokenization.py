@@ -162,12 +162,7 @@ class RustEncoder:
         d = Path(directory)
         if not (d / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{d}: no tokenizer.json (a fast tokenizer is needed)")
-        self.rust = Tokenizer.from_file(str(d / "tokenizer.json"))  # template text: control tokens recognised
-        # User text gets its own instance with special tokens escaped once and for all: toggling the
-        # flag on a shared instance would race when threads encode at once (the data stage's actors
-        # run two batches concurrently so one's Python work overlaps the other's Rust encoding).
-        self._plain = Tokenizer.from_file(str(d / "tokenizer.json"))
-        self._plain.encode_special_tokens = True
+        self.rust = Tokenizer.from_file(str(d / "tokenizer.json"))
         cfg = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later files win
             if (d / name).is_file():
@@ -181,10 +176,11 @@ class RustEncoder:
         return self.rust.token_to_id(token) if isinstance(token, str) else None
 
     def encode_control(self, text: str) -> list[int]:
+        self.rust.encode_special_tokens = False
         return self.rust.encode(text, add_special_tokens=False).ids
 
     def encode_plain(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._plain.encode_batch_fast(list(texts), add_special_tokens=False)]
+        return _rust_encode_escaped(self.rust, texts)
 
     def vocab(self) -> dict[str, int]:
         return self.rust.get_vocab(with_added_tokens=True)
