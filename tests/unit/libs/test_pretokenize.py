@@ -90,11 +90,17 @@ def test_strict_fails_on_first_bad_row_naming_file_index_reason(ct):
 def test_tokenizer_pool_uses_one_actor_per_thread_group_on_each_node():
     from libs.pretokenize import plan_tokenizer_pool
 
-    two = plan_tokenizer_pool([2.0], threads=2, reserved=0.2)
-    assert (two.actors, two.threads, two.cpus_per_actor) == (1, 2, 1.8)
+    two = plan_tokenizer_pool([2.0], threads=1, reserved=0.2)
+    assert (two.actors, two.threads, two.cpus_per_actor) == (2, 1, 0.9)
+    grouped = plan_tokenizer_pool([2.0], threads=2, reserved=0.2)
+    assert (grouped.actors, grouped.threads, grouped.cpus_per_actor) == (1, 2, 1.8)
     big = plan_tokenizer_pool([0.0, 16.0, 16.0], threads=2, reserved=0.2)  # a CPU-less head is ignored
     assert big.actors == 16 and big.fits == 16
     assert big.actors * big.cpus_per_actor <= 32 - 2 * 0.2  # read/write tasks keep room on every node
+    for nodes in ([16.0, 16.0], [2.0, 8.0], [96.0]):  # one thread each: never more actors than cores
+        pool = plan_tokenizer_pool(nodes, threads=1, reserved=0.2)
+        assert pool.actors == sum(int(c) for c in nodes)
+        assert pool.actors * pool.cpus_per_actor <= sum(nodes) - 0.2 * len(nodes)
 
 
 def test_tokenizer_pool_caps_threads_at_the_smallest_node_so_every_actor_fits():
