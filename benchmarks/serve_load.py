@@ -5,8 +5,9 @@
 
 1. In-process baseline: the same checkpoint loaded here, requests generated one after another
    (``ContinuousBatcher`` with one request at a time: what ``generate`` on one prompt does).
-2. The Serve path: a local Ray instance runs the raychat app on 127.0.0.1 (API key on); the
-   official async ``openai`` client streams chat completions at each concurrency level (1, 4,
+2. The Serve path: a local Ray instance runs the raychat app on 127.0.0.1 (API key on), once per
+   ``--arms`` layout (``split`` and ``combined`` by default, measured in turn); the official async
+   ``openai`` client sends chat completions, streamed and not, at each concurrency level (1, 4,
    16, 64 by default), a bounded number of requests per level and a time cap.
 
 Reported per level: generated tokens/s, p50/p99 latency and time to first token (TTFT);
