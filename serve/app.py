@@ -20,12 +20,22 @@ from serve.engine import LLMEngine
 from serve.router import OpenAIRouter
 
 
+SAME_EVENT_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
+
 def replica_env(cfg: ServeConfig) -> dict:
-    """``ray_actor_options`` entries of every replica (env vars merge with the app's runtime_env)."""
+    """``ray_actor_options`` entries of every replica: the app's runtime_env plus Serve's flags.
+
+    A deployment that sets a runtime_env of its own stops inheriting the app's (Serve merges the
+    app's only into deployments named under ``deployments:`` in the config), so this starts from
+    the runtime_env the builder runs in, which is the app's (e.g. the API-key env var on KubeRay).
+    """
     if not cfg.same_event_loop:
         return {}
-    return {"runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-                                         "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}}}
+    import ray
+
+    inherited = dict(ray.get_runtime_context().runtime_env or {}) if ray.is_initialized() else {}
+    return {"runtime_env": {**inherited, "env_vars": {**inherited.get("env_vars", {}), **SAME_EVENT_LOOP_ENV}}}
 
 
 def engine_options(cfg: ServeConfig) -> dict:
