@@ -5,8 +5,9 @@
 
 1. In-process baseline: the same checkpoint loaded here, requests generated one after another
    (``ContinuousBatcher`` with one request at a time: what ``generate`` on one prompt does).
-2. The Serve path: a local Ray instance runs the raychat app on 127.0.0.1 (API key on); the
-   official async ``openai`` client streams chat completions at each concurrency level (1, 4,
+2. The Serve path: a local Ray instance runs the raychat app on 127.0.0.1 (API key on), once per
+   ``--arms`` layout (``split`` and ``combined`` by default, measured in turn); the official async
+   ``openai`` client sends chat completions, streamed and not, at each concurrency level (1, 4,
    16, 64 by default), a bounded number of requests per level and a time cap.
 
 Reported per level: generated tokens/s, p50/p99 latency and time to first token (TTFT);
@@ -137,6 +138,15 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
+# App configurations the benchmark can compare in one run (ServeConfig fields on top of the common ones).
+ARMS = {
+    "combined": {"layout": "combined"},
+    "split": {"layout": "split"},
+    "combined-threads": {"layout": "combined", "same_event_loop": False},
+    "split-threads": {"layout": "split", "same_event_loop": False},
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", help="checkpoint or run URI; default: a fresh tiny embedded model")
@@ -148,9 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--num-cpus", type=float, default=1.0)
     ap.add_argument("--num-gpus", type=float, default=0.0)
+    ap.add_argument("--arms", default="split,combined", help=f"comma-separated app layouts to compare, of {sorted(ARMS)}")
+    ap.add_argument("--modes", default="stream,whole", help="streamed and/or non-streamed requests")
+    ap.add_argument("--stream-interval-s", type=float, help="ServeConfig.stream_interval_s (default: the config's)")
     ap.add_argument("--json", help="write the figures here too")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
+    arms = args.arms.split(",")
+    modes = [m == "stream" for m in args.modes.split(",")]
 
     import ray
     from ray import serve
@@ -166,26 +181,32 @@ def main(argv: list[str] | None = None) -> int:
 
     key = "sk-bench"
     (tmp / "keys").write_text(key + "\n")
-    ray.init(num_cpus=2 if not args.num_gpus else None, include_dashboard=False, log_to_driver=False)
+    # Logical CPUs: one engine replica of num_cpus per arm (they take turns; an idle one only waits).
+    ray.init(num_cpus=max(2, args.num_cpus * len(arms)) if not args.num_gpus else None, include_dashboard=False,
+             log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"checkpoint": checkpoint, "model_id": "bench", "api_keys_file": str(tmp / "keys"),
-                         "num_replicas": 1, "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
-                         "max_batch_size": args.max_batch_size, "max_ongoing_requests": max(args.max_batch_size, 64) * 2,
-                         "max_queued_requests": -1}), name="bench", route_prefix="/")
-    url = f"http://127.0.0.1:{port}/v1"
-    asyncio.run(drive(url, key, "bench", 4, 8, 8, 30))  # warm-up
+    extra = {} if args.stream_interval_s is None else {"stream_interval_s": args.stream_interval_s}
+    urls = {}
+    for arm in arms:
+        serve.run(build_app({"checkpoint": checkpoint, "model_id": "bench", "api_keys_file": str(tmp / "keys"),
+                             "num_replicas": 1, "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
+                             "max_batch_size": args.max_batch_size, "max_ongoing_requests": max(args.max_batch_size, 64) * 2,
+                             "max_queued_requests": -1, **ARMS[arm], **extra}), name=f"bench-{arm}", route_prefix=f"/{arm}")
+        urls[arm] = f"http://127.0.0.1:{port}/{arm}/v1"
+        asyncio.run(drive(urls[arm], key, "bench", 4, 8, 8, 30))  # warm-up
     # Sequential and Serve runs alternate, so both see the same background load on a shared machine.
-    seq_runs, serve_runs = [], {(c, st): [] for c in levels for st in (True, False)}
+    seq_runs, serve_runs = [], {(arm, c, st): [] for arm in arms for c in levels for st in modes}
     for rep in range(args.repeats):
         seq_runs.append(seq.run(args.requests or 16, args.max_tokens))
         print(f"[{rep + 1}/{args.repeats}] sequential in-process: {seq_runs[-1]['tok_s']:.0f} tok/s", flush=True)
-        for c, st in serve_runs:
+        for arm, c, st in serve_runs:
             n = args.requests or max(16, 4 * c)
-            serve_runs[c, st].append(asyncio.run(drive(url, key, "bench", c, n, args.max_tokens, args.time_cap, st)))
-            r = serve_runs[c, st][-1]
-            print(f"[{rep + 1}/{args.repeats}] concurrency {c:>3} {'stream' if st else 'whole '}: {r['tok_s']:.0f} tok/s, "
-                  f"errors {r['errors']}", flush=True)
+            serve_runs[arm, c, st].append(asyncio.run(drive(urls[arm], key, "bench", c, n, args.max_tokens, args.time_cap, st)))
+            r = serve_runs[arm, c, st][-1]
+            print(f"[{rep + 1}/{args.repeats}] {arm} concurrency {c:>3} {'stream' if st else 'whole '}: {r['tok_s']:.0f} tok/s, "
+                  f"p50 TTFT {percentile(r['ttft'], 50) * 1e3 if r['ttft'] else float('nan'):.1f} ms, errors {r['errors']}",
+                  flush=True)
     serve.shutdown()
     ray.shutdown()
     seq = summarise(seq_runs)
@@ -198,16 +219,17 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|")
     print(f"| sequential in-process | {seq['tok_s']:.0f} | 1.0× | {seq['p50_latency_ms']:.0f} / {seq['p99_latency_ms']:.0f} | "
           f"{ms(seq['p50_ttft_ms'])} / {ms(seq['p99_ttft_ms'])} |")
-    for (c, st), r in results.items():
-        print(f"| Serve, concurrency {c}, {'streamed' if st else 'non-streamed'} | {r['tok_s']:.0f} | "
+    for (arm, c, st), r in results.items():
+        print(f"| {arm}, concurrency {c}, {'streamed' if st else 'non-streamed'} | {r['tok_s']:.0f} | "
               f"{r['tok_s'] / seq['tok_s']:.1f}× | {r['p50_latency_ms']:.0f} / {r['p99_latency_ms']:.0f} | "
               f"{ms(r['p50_ttft_ms'])} / {ms(r['p99_ttft_ms'])} |")
-    if (1, True) in results:
-        print(f"\nTTFT overhead of the Serve path at concurrency 1 (p50): "
-              f"{results[1, True]['p50_ttft_ms'] - seq['p50_ttft_ms']:.1f} ms")
+    for arm in arms:
+        if (arm, 1, True) in results:
+            print(f"TTFT overhead of the Serve path at concurrency 1 (p50), {arm}: "
+                  f"{results[arm, 1, True]['p50_ttft_ms'] - seq['p50_ttft_ms']:.1f} ms")
     if args.json:
-        Path(args.json).write_text(json.dumps({"sequential": seq, "serve": {f"{c}-{'stream' if st else 'whole'}": r
-                                                                            for (c, st), r in results.items()}}, indent=2))
+        Path(args.json).write_text(json.dumps({"sequential": seq, "serve": {
+            f"{arm}-{c}-{'stream' if st else 'whole'}": r for (arm, c, st), r in results.items()}}, indent=2))
     return 0
 
 

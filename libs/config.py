@@ -193,7 +193,16 @@ class ServeConfig(_Config):
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per engine replica (> 0: the model runs on CUDA).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Weights' dtype when serving; auto = bfloat16 on GPU, float32 on CPU.")
-    router_replicas: int = Field(default=1, gt=0, description="Replicas of the HTTP router (OpenAI ingress).")
+    layout: Literal["combined", "split"] = Field(
+        default="split",
+        description="'combined': one deployment (LLMEngine) is both the HTTP ingress and the engine (no handle hop); "
+                    "'split': an OpenAIRouter ingress calls LLMEngine replicas through a handle (retries a dead replica, "
+                    "429/503 in OpenAI format).")
+    same_event_loop: bool = Field(
+        default=True,
+        description="Run each replica's request handling on its main event loop (Ray Serve's documented throughput "
+                    "flags RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0, RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0).")
+    router_replicas: int = Field(default=1, gt=0, description="Replicas of the HTTP router (OpenAI ingress; layout split).")
     router_max_ongoing_requests: int = Field(default=1024, gt=0, description="Requests one router replica handles at once (they mostly wait on engines).")
     max_request_bytes: int = Field(default=4 << 20, gt=0, description="Largest request body accepted; bigger ones get 413.")
     api_keys_env: str | None = Field(default="RAYCHAT_API_KEYS", description="Environment variable with comma-separated API keys (read by each router replica).")

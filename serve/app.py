@@ -20,13 +20,31 @@ from serve.engine import LLMEngine
 from serve.router import OpenAIRouter
 
 
+SAME_EVENT_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
+
+def replica_env(cfg: ServeConfig) -> dict:
+    """``ray_actor_options`` entries of every replica: the app's runtime_env plus Serve's flags.
+
+    A deployment that sets a runtime_env of its own stops inheriting the app's (Serve merges the
+    app's only into deployments named under ``deployments:`` in the config), so this starts from
+    the runtime_env the builder runs in, which is the app's (e.g. the API-key env var on KubeRay).
+    """
+    if not cfg.same_event_loop:
+        return {}
+    import ray
+
+    inherited = dict(ray.get_runtime_context().runtime_env or {}) if ray.is_initialized() else {}
+    return {"runtime_env": {**inherited, "env_vars": {**inherited.get("env_vars", {}), **SAME_EVENT_LOOP_ENV}}}
+
+
 def engine_options(cfg: ServeConfig) -> dict:
     """``serve.deployment`` options of the engine: replicas or autoscaling, limits, resources."""
     opts: dict = {
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "max_queued_requests": cfg.max_queued_requests,
         "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=cfg.retry_after_s),
-        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, **replica_env(cfg)},
     }
     if cfg.num_replicas is not None:
         opts["num_replicas"] = cfg.num_replicas
@@ -44,8 +62,11 @@ def build_app(args: dict) -> Application:
     ref = resolve_checkpoint(cfg.checkpoint, cfg.checkpoint_select)
     if cfg.model_id is None:
         cfg = cfg.model_copy(update={"model_id": ref.uri.rstrip("/").rsplit("/", 1)[-1]})
+    if cfg.layout == "combined":  # the engine deployment is the ingress: same name, so same overrides apply
+        return serve.deployment(OpenAIRouter, name="LLMEngine", **engine_options(cfg)).bind(
+            None, cfg.model_dump(), ref.to_dict())
     engine = serve.deployment(LLMEngine, name="LLMEngine", **engine_options(cfg)).bind(cfg.model_dump(), ref.to_dict())
     router = serve.deployment(OpenAIRouter, name="OpenAIRouter", num_replicas=cfg.router_replicas,
                               max_ongoing_requests=cfg.router_max_ongoing_requests,
-                              ray_actor_options={"num_cpus": 0})
+                              ray_actor_options={"num_cpus": 0, **replica_env(cfg)})
     return router.bind(engine, cfg.model_dump(), ref.to_dict())

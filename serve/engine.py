@@ -38,6 +38,11 @@ class PromptError(ValueError):
         self.body = body
 
 
+def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in batch:
+        queue.put_nowait(item)
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -121,6 +126,7 @@ class LLMEngine:
 
     def _publish(self, events: list) -> None:
         """Turns each request's new token into text (stop strings applied) and hands it to its queue."""
+        out = []
         for rid, tok in events:
             st = self._streams.get(rid)
             if st is None:
@@ -128,12 +134,23 @@ class LLMEngine:
             delta = st.text.push(tok)
             if delta.finish_reason and tok.finish_reason is None:
                 self.batcher.abort(rid)  # a stop string matched: leave the batch now
-            self._deliver(rid, delta)
+            out.append((st, delta))
+        self._hand_over(out)
 
     def _deliver(self, rid: str, item: TextDelta | Exception) -> None:
         st = self._streams.get(rid)
         if st is not None:
-            st.loop.call_soon_threadsafe(st.queue.put_nowait, item)
+            self._hand_over([(st, item)])
+
+    @staticmethod
+    def _hand_over(items: list[tuple[_Stream, TextDelta | Exception]]) -> None:
+        # One wake-up of each event loop per step, not one per request: every call_soon_threadsafe
+        # writes to the loop's self-pipe and makes it contend for the GIL with this thread.
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for st, item in items:
+            by_loop.setdefault(st.loop, []).append((st.queue, item))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, batch)
 
     def __del__(self):
         self._stop.set()
@@ -204,9 +221,10 @@ class LLMEngine:
                     continue
                 yield EngineChunk(text=text, finish_reason=last.finish_reason, prompt_tokens=len(prompt),
                                   completion_tokens=produced)
-                if not finished and self.cfg.stream_interval_s:
-                    # The first token goes out at once; later ones are grouped, so a replica sends at
-                    # most one message per stream per interval however fast it decodes.
+                if text and not finished and self.cfg.stream_interval_s:
+                    # The first text goes out at once (tokens that decode to no text yet, e.g. part of
+                    # a character, do not start the interval); later text is grouped, so a replica
+                    # sends at most one message per stream per interval however fast it decodes.
                     await asyncio.sleep(self.cfg.stream_interval_s)
             if not req.stream:
                 yield EngineChunk(text="".join(texts), finish_reason=last.finish_reason, prompt_tokens=len(prompt),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -161,8 +162,13 @@ class EngineRequest(BaseModel):
     stream: bool = True  # False: the engine sends one chunk with the whole text
 
 
-class EngineChunk(BaseModel):
-    """One piece from the engine; the last one carries ``finish_reason``."""
+@dataclass(slots=True)
+class EngineChunk:
+    """One piece from the engine; the last one carries ``finish_reason``.
+
+    A plain dataclass, not a pydantic model: one is built, pickled between replicas and read per
+    streamed chunk, where pydantic's validation and pickling cost shows at high concurrency.
+    """
 
     text: str = ""
     finish_reason: Literal["stop", "length"] | None = None

@@ -9,6 +9,7 @@ check run as ASGI middleware in front of every route (``/health`` needs no key).
 
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -205,14 +206,103 @@ async def _gather_or_cancel(coros: list) -> list:
         raise
 
 
+# Helpers the ingress class calls are defined above it: Serve pickles the class when it is
+# decorated, with the module globals that exist at that point.
+async def _close(stream, finished: bool) -> None:
+    """Ends an engine stream; one the client stopped reading early is cancelled (frees its batch slot)."""
+    if stream is None:
+        return
+    if hasattr(stream, "aclose"):  # a local async generator: its finally aborts an unfinished request
+        with contextlib.suppress(Exception):
+            await stream.aclose()
+    elif not finished:  # a DeploymentResponseGenerator
+        stream.cancel()
+
+
+async def _merged(opened: list[tuple[EngineChunk, AsyncIterator[EngineChunk] | None]]):
+    """Yields lists of ``(choice index, chunk or exception)``: everything that arrived since the last
+    list, so one SSE write carries it all. One stream (n = 1) is read directly, with no task or queue."""
+    if len(opened) == 1:
+        first, stream = opened[0]
+        yield [(0, first)]
+        if first.finish_reason is None and stream is not None:
+            try:
+                async for chunk in stream:
+                    yield [(0, chunk)]
+                    if chunk.finish_reason:  # no need to wait for the end-of-stream message
+                        break
+            except Exception as e:  # a replica died mid-stream: tell the client cleanly
+                yield [(0, e)]
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, first: EngineChunk, stream) -> None:
+        try:
+            queue.put_nowait((index, first))
+            if first.finish_reason is None:
+                async for chunk in stream:
+                    queue.put_nowait((index, chunk))
+                    if chunk.finish_reason:
+                        break
+        except Exception as e:
+            queue.put_nowait((index, e))
+        finally:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, f, s)) for i, (f, s) in enumerate(opened)]
+    try:
+        open_streams = len(opened)
+        while open_streams:
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            done = [it for it in items if it[1] is None]
+            open_streams -= len(done)
+            items = [it for it in items if it[1] is not None]
+            if items:
+                yield items
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+class RemoteEngine:
+    """The engine deployment behind a ``DeploymentHandle`` (``layout: split``)."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    async def open(self, ereq: EngineRequest) -> "tuple[EngineChunk, AsyncIterator[EngineChunk] | None]":
+        if ereq.stream:
+            stream = self.handle.options(stream=True).generate.remote(ereq)
+            return await stream.__anext__(), stream
+        return await self.handle.complete.remote(ereq), None
+
+
+class LocalEngine:
+    """The engine in this very replica (``layout: combined``): no handle hop, nothing pickled."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    async def open(self, ereq: EngineRequest) -> "tuple[EngineChunk, AsyncIterator[EngineChunk] | None]":
+        if ereq.stream:
+            stream = self.engine.generate(ereq)
+            return await stream.__anext__(), stream
+        return await self.engine.complete(ereq), None
+
+
 @serve.ingress(app)
 class OpenAIRouter:
-    """Serve ingress deployment class: OpenAI routes on :data:`app`, generation on the engine handle."""
+    """Serve ingress deployment class: OpenAI routes on :data:`app`, generation on the engine.
 
-    def __init__(self, engine: DeploymentHandle, cfg: dict, checkpoint: dict):
+    ``engine`` is the engine deployment's handle (``layout: split``), or None: then this replica
+    loads the model itself (``layout: combined``) and is the deployment that autoscales.
+    """
+
+    def __init__(self, engine: DeploymentHandle | None, cfg: dict, checkpoint: dict):
         from serve.metrics import ServeMetrics
 
-        self.engine = engine
         self.cfg = ServeConfig.model_validate(cfg)
         self.checkpoint = checkpoint
         self.model_id = self.cfg.model_id
@@ -221,6 +311,12 @@ class OpenAIRouter:
             raise NoApiKeysError(
                 f"no API key configured: set ${self.cfg.api_keys_env} or api_keys_file, "
                 "or pass allow_no_auth=true (local demo only)")
+        if engine is None:
+            from serve.engine import LLMEngine
+
+            self.engine = LocalEngine(LLMEngine(cfg, checkpoint))
+        else:
+            self.engine = RemoteEngine(engine)
         app.state.api_keys = keys or None
         app.state.max_request_bytes = self.cfg.max_request_bytes
         app.state.metrics = self.metrics = ServeMetrics(self.model_id)
@@ -259,20 +355,16 @@ class OpenAIRouter:
         return await self._respond(req, choice_requests(bases, req.n), chat=False)
 
     # -- engine calls ------------------------------------------------------------------------------
-    async def _call(self, ereq: EngineRequest) -> "tuple[EngineChunk, object | None]":
-        """Sends one choice to the engine: a unary call for non-streaming requests (the whole
-        result), else a stream whose first chunk is awaited; returns ``(chunk, stream or None)``.
+    async def _call(self, ereq: EngineRequest) -> "tuple[EngineChunk, AsyncIterator[EngineChunk] | None]":
+        """Sends one choice to the engine: the whole result for non-streaming requests, else a
+        stream whose first chunk is awaited; returns ``(chunk, stream or None)``.
 
         A replica that dies before answering is retried on another (nothing was sent to the
         client yet, so no text is lost or repeated); a full queue is 429.
         """
         for attempt in range(REPLICA_RETRIES + 1):
             try:
-                if ereq.stream:
-                    stream = self.engine.options(stream=True).generate.remote(ereq)
-                    first = await stream.__anext__()
-                else:
-                    stream, first = None, await self.engine.complete.remote(ereq)
+                first, stream = await self.engine.open(ereq)
             except BackPressureError:
                 raise APIError(429, "The server is busy (request queue full); retry later.", type_="rate_limit_error",
                                code="queue_full", headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
@@ -303,63 +395,45 @@ class OpenAIRouter:
         choices = [CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(results)]
         return Completion(model=self.model_id, choices=choices, usage=usage)
 
-    async def _sse(self, req, opened: list[tuple[EngineChunk, object]], chat: bool) -> AsyncIterator[str]:
+    async def _sse(self, req, opened: list[tuple[EngineChunk, AsyncIterator[EngineChunk] | None]],
+                   chat: bool) -> AsyncIterator[str]:
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created, n = int(time.time()), req.n
+        # Chunks are built as dicts (the shape of ChatCompletionChunk / Completion dumps): a pydantic
+        # model per streamed chunk costs more than the rest of the chunk's trip through this replica.
+        head = {"id": cid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                "model": self.model_id}
+        if req.include_usage:
+            head["usage"] = None
 
         def event(index: int, text: str | None, finish: str | None, first: bool = False) -> str:
             if chat:
-                delta = Delta(role="assistant", content="") if first else Delta(content=text)
-                obj = ChatCompletionChunk(id=cid, created=created, model=self.model_id,
-                                          choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish)])
+                delta = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
+                choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
             else:
-                obj = Completion(id=cid, created=created, model=self.model_id,
-                                 choices=[CompletionChoice(index=index, text=text or "", finish_reason=finish)])
-            data = obj.model_dump()
-            if not req.include_usage:
-                data.pop("usage")
-            if chat:
-                data["choices"][0]["delta"] = {k: v for k, v in data["choices"][0]["delta"].items() if v is not None}
-            return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+                choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+            return f"data: {json.dumps({**head, 'choices': [choice]}, separators=(',', ':'))}\n\n"
 
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(index: int, first: EngineChunk, stream) -> None:
-            try:
-                await queue.put((index, first))
-                if first.finish_reason is None:
-                    async for chunk in stream:
-                        await queue.put((index, chunk))
-                        if chunk.finish_reason:  # no need to wait for the end-of-stream message
-                            break
-            except Exception as e:  # a replica died mid-stream: tell the client cleanly
-                await queue.put((index, e))
-            finally:
-                await queue.put((index, None))
-
-        tasks = [asyncio.ensure_future(pump(i, f, s)) for i, (f, s) in enumerate(opened)]
         last: dict[int, EngineChunk] = {}
         try:
             if chat:
-                for i in range(len(opened)):
-                    yield event(i, None, None, first=True)
-            open_streams = len(opened)
-            while open_streams:
-                index, item = await queue.get()
-                if item is None:
-                    open_streams -= 1
-                    continue
-                if isinstance(item, Exception):
-                    log.warning("stream %d failed: %s", index, type(item).__name__)
-                    body = error_body("The model replica failed mid-stream; retry the request.", type_="server_error",
-                                      code="replica_unavailable")
-                    yield f"data: {json.dumps(body)}\n\n"
-                    return
-                last[index] = item
-                if item.text:
-                    yield event(index, item.text, None)
-                if item.finish_reason:
-                    yield event(index, "" if not chat else None, item.finish_reason)
+                yield "".join(event(i, None, None, first=True) for i in range(len(opened)))
+            async for items in _merged(opened):
+                out = []
+                for index, item in items:
+                    if isinstance(item, Exception):
+                        log.warning("stream %d failed: %s", index, type(item).__name__)
+                        body = error_body("The model replica failed mid-stream; retry the request.",
+                                          type_="server_error", code="replica_unavailable")
+                        yield "".join(out) + f"data: {json.dumps(body)}\n\n"
+                        return
+                    last[index] = item
+                    if item.text:
+                        out.append(event(index, item.text, None))
+                    if item.finish_reason:
+                        out.append(event(index, "" if not chat else None, item.finish_reason))
+                if out:
+                    yield "".join(out)
             if req.include_usage:
                 ordered = [last[i] for i in sorted(last)]
                 usage = Usage.of(sum(c.prompt_tokens for c in ordered[::n]), sum(c.completion_tokens for c in ordered))
@@ -367,5 +441,5 @@ class OpenAIRouter:
                 yield f"data: {cls(id=cid, created=created, model=self.model_id, choices=[], usage=usage).model_dump_json()}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            for t in tasks:
-                t.cancel()
+            for i, (_, stream) in enumerate(opened):
+                await _close(stream, finished=i in last and last[i].finish_reason is not None)

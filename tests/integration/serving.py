@@ -6,6 +6,8 @@ import pytest
 
 from tests.conftest import free_port
 
+PROMPT = "Once upon a time"
+
 
 @pytest.fixture(scope="module")
 def serve_port(ray_local):
@@ -25,3 +27,28 @@ def deploy(port: int, name: str, **cfg) -> str:
 
     serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
     return f"http://127.0.0.1:{port}/{name}/v1"
+
+
+def local_greedy(model_dir, max_tokens: int = 8) -> str:
+    """What the checkpoint's weights generate in-process for PROMPT (greedy), without Ray or HTTP."""
+    from libs.generation import ContinuousBatcher, SamplingParams
+    from libs.model import load_causal_lm
+
+    model, tok = load_causal_lm(model_dir)
+    b = ContinuousBatcher(model, stop_ids=[32000, tok.eos_token_id], pad_id=32001, max_context=2048)
+    ids = [s.token_id for step in b.generate([tok(PROMPT)["input_ids"]], [SamplingParams(max_tokens=max_tokens, temperature=0)])
+           for s in step if s is not None and s.token_id is not None]
+    return tok.decode(ids, skip_special_tokens=True)
+
+
+def serve_run(port: int, run_uri: str, select: str, cache_dir, **cfg) -> tuple[dict, str]:
+    """Deploys a run's ``best`` or ``latest`` checkpoint; returns its /v1/models checkpoint card and
+    the greedy completion of PROMPT."""
+    import openai
+
+    url = deploy(port, "ckpt", checkpoint=run_uri, checkpoint_select=select, model_id="crlft", allow_no_auth=True,
+                 num_replicas=1, num_cpus=0.5, cache_dir=str(cache_dir), **cfg)
+    c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+    card = c.models.list().data[0].model_extra["checkpoint"]
+    text = c.completions.create(model="crlft", prompt=PROMPT, max_tokens=8, temperature=0).choices[0].text
+    return card, text

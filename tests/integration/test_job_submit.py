@@ -176,9 +176,21 @@ def test_metrics_export_uses_the_names_the_dashboards_plot(ray_head):
     assert names == expected
 
 
-def test_rayservice_serve_config_deploys_and_answers(ray_head, tiny_model_dir):
+def _scrape(port: int) -> dict[str, list[tuple[str, float]]]:
+    """The exporter's ``ray_raychat_*`` samples: name → [(labels, value)]."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, list[tuple[str, float]]] = {}
+    for line in text.splitlines():
+        m = re.match(r"(ray_raychat_\w+)(\{[^}]*\})? ([0-9.eE+-]+)$", line)
+        if m:
+            out.setdefault(m[1], []).append((m[2] or "", float(m[3])))
+    return out
+
+
+def test_rayservice_serve_config_deploys_answers_and_exports_serve_metrics(ray_head, tiny_model_dir):
     """The cpu-dev RayService's serveConfigV2, deployed as KubeRay does (the dashboard's Serve REST
-    API), with only the checkpoint (a tiny local model) and the HTTP port (a free one) swapped."""
+    API), with only the checkpoint (a tiny local model) and the HTTP port (a free one) swapped;
+    after a few requests the head's Prometheus exporter shows raychat's serve metrics."""
     import yaml
 
     from cluster.kustomize import render
@@ -208,3 +220,28 @@ def test_rayservice_serve_config_deploys_and_answers(ray_head, tiny_model_dir):
     keyed = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer sk-test-rayservice"})
     with urllib.request.urlopen(keyed, timeout=30) as response:
         assert [m["id"] for m in json.load(response)["data"]] == ["tiny"]
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+                       "stream": True}).encode()
+    chat = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body, headers={
+        "Authorization": "Bearer sk-test-rayservice", "Content-Type": "application/json"})
+    with urllib.request.urlopen(chat, timeout=60) as response:
+        assert response.read().decode().rstrip().endswith("data: [DONE]")
+
+    def value(samples, name: str, *labels: str) -> float:
+        return sum(v for lab, v in samples.get(name, []) if all(x in lab for x in labels))
+
+    deadline = time.monotonic() + 60
+    while True:  # Ray exports every RAY_metrics_report_interval_ms (1 s here)
+        samples = _scrape(ray_head.metrics_port)
+        # model="tiny": the metrics test above exported samples of its own (model "m") on this head
+        got = (value(samples, "ray_raychat_requests_total", 'model="tiny"', 'route="/v1/chat/completions"', 'status="200"'),
+               value(samples, "ray_raychat_requests_total", 'model="tiny"', 'route="/v1/models"', 'status="401"'),
+               value(samples, "ray_raychat_generated_tokens_total", 'model="tiny"'),
+               value(samples, "ray_raychat_prompt_tokens_total", 'model="tiny"'),
+               value(samples, "ray_raychat_time_to_first_token_seconds_count", 'model="tiny"'))
+        if all(got) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    chat_ok, refused_models, generated, prompt, ttft = got
+    assert chat_ok == 1 and refused_models == 1 and ttft == 1
+    assert 1 <= generated <= 4 and prompt > 0

@@ -2,36 +2,12 @@
 
 from __future__ import annotations
 
-import openai
 import pytest
 
-from tests.integration.serving import deploy, serve_port  # noqa: F401 (fixture)
 from tests.fake_runs import write_run
+from tests.integration.serving import local_greedy, serve_port, serve_run  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
-
-PROMPT = "Once upon a time"
-
-
-def local_greedy(model_dir, max_tokens: int = 8) -> str:
-    """What the checkpoint's weights generate in-process for PROMPT (greedy)."""
-    from libs.generation import ContinuousBatcher, SamplingParams
-    from libs.model import load_causal_lm
-
-    model, tok = load_causal_lm(model_dir)
-    b = ContinuousBatcher(model, stop_ids=[32000, tok.eos_token_id], pad_id=32001, max_context=2048)
-    ids = [s.token_id for step in b.generate([tok(PROMPT)["input_ids"]], [SamplingParams(max_tokens=max_tokens, temperature=0)])
-           for s in step if s is not None and s.token_id is not None]
-    return tok.decode(ids, skip_special_tokens=True)
-
-
-def serve_run(port: int, run_uri: str, select: str, cache_dir) -> tuple[dict, str]:
-    url = deploy(port, "ckpt", checkpoint=run_uri, checkpoint_select=select, model_id="crlft", allow_no_auth=True,
-                 num_replicas=1, num_cpus=0.5, cache_dir=str(cache_dir))
-    c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
-    card = c.models.list().data[0].model_extra["checkpoint"]
-    text = c.completions.create(model="crlft", prompt=PROMPT, max_tokens=8, temperature=0).choices[0].text
-    return card, text
 
 
 def test_best_and_latest_checkpoints_of_an_s3_run_are_served(serve_port, s3_bucket, tiny_model_dir, tmp_path):

@@ -2,7 +2,7 @@ import pytest
 from pydantic import ValidationError
 
 from libs.config import ServeConfig
-from serve.app import engine_options
+from serve.app import build_app, engine_options
 
 
 def test_engine_autoscales_by_default_with_queue_limit_answering_429():
@@ -16,7 +16,7 @@ def test_engine_autoscales_by_default_with_queue_limit_answering_429():
 def test_fixed_replicas_resources_and_autoscaling_overrides_come_from_the_config():
     fixed = engine_options(ServeConfig(checkpoint="/c", num_replicas=3, num_gpus=1, num_cpus=4))
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
-    assert fixed["ray_actor_options"] == {"num_cpus": 4, "num_gpus": 1}
+    assert (fixed["ray_actor_options"]["num_cpus"], fixed["ray_actor_options"]["num_gpus"]) == (4, 1)
     tuned = engine_options(ServeConfig(checkpoint="/c", autoscaling_overrides={"upscale_delay_s": 3}))
     assert tuned["autoscaling_config"].upscale_delay_s == 3
 
@@ -25,3 +25,24 @@ def test_fixed_replicas_resources_and_autoscaling_overrides_come_from_the_config
 def test_inconsistent_limits_are_rejected(bad):
     with pytest.raises(ValidationError):
         ServeConfig(checkpoint="/c", **bad)
+
+
+def _deployments(app) -> dict:
+    root = app._bound_deployment
+    nested = [a._bound_deployment for a in root.init_args if hasattr(a, "_bound_deployment")]
+    return {d.name: d for d in [root, *nested]}
+
+
+@pytest.mark.parametrize("layout", ["combined", "split"])
+def test_the_deployment_holding_the_engine_is_llmengine_with_the_limits_and_autoscaling(layout, tiny_model_dir):
+    cfg = {"checkpoint": str(tiny_model_dir), "allow_no_auth": True, "layout": layout, "max_ongoing_requests": 40,
+           "max_queued_requests": 7, "max_replicas": 3, "num_cpus": 2}
+    deployments = _deployments(build_app(cfg))
+    assert set(deployments) == ({"LLMEngine"} if layout == "combined" else {"LLMEngine", "OpenAIRouter"})
+    engine = deployments["LLMEngine"]
+    dc = engine._deployment_config
+    assert (dc.max_ongoing_requests, dc.max_queued_requests, dc.autoscaling_config.max_replicas) == (40, 7, 3)
+    assert engine.ray_actor_options["num_cpus"] == 2
+    # Ray Serve's throughput flags reach every replica (as runtime_env env vars, merged with the app's).
+    for d in deployments.values():
+        assert d.ray_actor_options["runtime_env"]["env_vars"]["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
