@@ -31,15 +31,46 @@ def weighted_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, weight
         input_ids: ``[batch, seq]`` token ids.
         weights: ``[batch, seq]`` unshifted per-token weights (0 on padding and prompts).
     """
-    shift_logits = logits[:, :-1, :].float()
-    targets = input_ids[:, 1:]
-    w = weights[:, 1:].to(shift_logits.dtype)
-    ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), targets.reshape(-1), reduction="none")
-    w = w.reshape(-1)
+    vocab = logits.size(-1)
+    return weighted_cross_entropy_at(
+        logits[:, :-1, :].reshape(-1, vocab), input_ids[:, 1:].reshape(-1), weights[:, 1:].reshape(-1)
+    )
+
+
+def weighted_cross_entropy_at(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> WeightedCE:
+    """Σ w·CE and Σ w over already-shifted prediction positions.
+
+    Args:
+        logits: ``[n, vocab]`` logits of the positions that predict ``targets``.
+        targets: ``[n]`` the token each position predicts.
+        weights: ``[n]`` the weight of each target.
+    """
+    logits = logits.float()
+    w = weights.to(logits.dtype)
+    ce = F.cross_entropy(logits, targets, reduction="none")
     with torch.no_grad():
-        correct = (shift_logits.argmax(-1).reshape(-1) == targets.reshape(-1)).to(w.dtype)
+        correct = (logits.argmax(-1) == targets).to(w.dtype)
         correct_weight = (correct * w).sum()
     return WeightedCE((ce * w).sum(), w.sum().detach(), correct_weight)
+
+
+def loss_positions(weights: torch.Tensor) -> torch.Tensor:
+    """Positions whose logits the loss needs: those whose *next* token has a non-zero weight.
+
+    Weights are unshifted (``weights[:, t]`` weighs predicting token ``t`` from position
+    ``t - 1``), so position ``t`` matters iff ``weights[:, t + 1] != 0``; the last position never
+    does. Every other position adds exactly 0 to Σ w·CE, Σ w and their gradients, so computing
+    the LM head and cross-entropy only here gives the same sums.
+
+    Args:
+        weights: ``[batch, seq]`` unshifted per-token weights.
+
+    Returns:
+        Bool ``[batch, seq]`` mask (transformers' ``logits_to_keep`` accepts it as is).
+    """
+    keep = torch.zeros(weights.shape, dtype=torch.bool, device=weights.device)
+    keep[:, :-1] = weights[:, 1:] != 0
+    return keep
 
 
 def crlft_loss(parts: WeightedCE, global_weight_sum: torch.Tensor | float, world_size: int = 1) -> torch.Tensor:

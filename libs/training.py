@@ -24,7 +24,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from libs.config import TrainConfig
-from libs.loss import WeightedCE, crlft_loss, weighted_cross_entropy
+from libs.loss import WeightedCE, crlft_loss, loss_positions, weighted_cross_entropy, weighted_cross_entropy_at
 from libs.packing import packed_forward
 
 #: OpenChat's reference point for the automatic LR: LLaMA's 3e-4 at a 4M-token batch.
@@ -111,10 +111,18 @@ def forward_packed_ce(model, packed: dict[str, torch.Tensor]) -> WeightedCE:
     """One forward pass over a pack from :func:`libs.packing.pack` and its C-RLFT sums.
 
     Attention never crosses conversations (see :func:`libs.packing.packed_forward`), and the sums
-    equal those of running each conversation alone.
+    equal those of running each conversation alone. The LM head and the cross-entropy run only at
+    the positions whose next token has a non-zero weight (:func:`libs.loss.loss_positions`, through
+    transformers' ``logits_to_keep``): with a 32k vocabulary they are most of a small model's
+    step, and every other position adds exactly 0 to the sums and their gradients.
     """
-    logits = packed_forward(model, packed)
-    return weighted_cross_entropy(logits, packed["input_ids"].to(logits.device), packed["weights"].to(logits.device))
+    keep = loss_positions(packed["weights"])
+    logits = packed_forward(model, packed, logits_to_keep=keep)
+    device = logits.device
+    shifted = keep[:, :-1]  # position t predicts token t + 1
+    targets = packed["input_ids"][:, 1:][shifted].to(device)
+    weights = packed["weights"][:, 1:][shifted].to(device)
+    return weighted_cross_entropy_at(logits.reshape(-1, logits.size(-1)), targets, weights)
 
 
 def pack_weight_sum(packed: dict[str, torch.Tensor]) -> float:

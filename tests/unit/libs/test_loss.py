@@ -55,3 +55,19 @@ def test_two_ranks_with_global_normalisation_match_one_process():
     # Uneven split on purpose: rank 0 gets 1 row, rank 1 gets 3; data-parallel averages grads.
     averaged = (grads(slice(0, 1), total_w, 2) + grads(slice(1, 4), total_w, 2)) / 2
     assert torch.allclose(whole, averaged, atol=1e-6)
+
+
+def test_loss_positions_are_those_whose_next_token_has_weight():
+    from libs.loss import loss_positions, weighted_cross_entropy_at
+
+    w = torch.tensor([[0.0, 0.0, 1.0, 0.5, 0.0, 2.0]])
+    keep = loss_positions(w)
+    assert keep.tolist() == [[False, True, True, False, True, False]]  # the last position never predicts
+    torch.manual_seed(0)
+    logits = torch.randn(1, 6, 7)
+    ids = torch.randint(0, 7, (1, 6))
+    full = weighted_cross_entropy(logits, ids, w)
+    kept = weighted_cross_entropy_at(logits[keep], ids[:, 1:][keep[:, :-1]], w[:, 1:][keep[:, :-1]])
+    torch.testing.assert_close(kept.loss_sum, full.loss_sum)
+    torch.testing.assert_close(kept.weight_sum, full.weight_sum)
+    torch.testing.assert_close(kept.correct_weight, full.correct_weight)
