@@ -82,3 +82,73 @@ def crlft_loss(parts: WeightedCE, global_weight_sum: torch.Tensor | float, world
     """
     denom = torch.as_tensor(global_weight_sum, dtype=parts.loss_sum.dtype).clamp_min(1e-8)
     return parts.loss_sum * world_size / denom
+
+
+class _LinearWeightedCE(torch.autograd.Function):
+    """Σ w·CE of ``hidden @ weight.T`` by row chunks, with its gradients worked out chunk by chunk.
+
+    The ``[n, vocab]`` logits are never whole: each chunk's logits become its softmax in place and
+    then its gradient (``w · (softmax - onehot)``), which is multiplied into the gradients of
+    ``hidden`` and ``weight`` before the next chunk. ``backward`` only scales them by the incoming
+    gradient (the loss is a sum, so that is exact).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, w, chunk: int, with_grad: bool):
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        need_h, need_w = with_grad and ctx.needs_input_grad[0], with_grad and ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        w = w.float()
+        for start in range(0, hidden.shape[0], chunk):
+            h, t, wc = hidden[start : start + chunk], targets[start : start + chunk], w[start : start + chunk]
+            logits = (h @ weight.T).float()
+            rows = torch.arange(h.shape[0], device=h.device)
+            target_logit = logits[rows, t]
+            top, arg = logits.max(-1)
+            probs = logits.sub_(top[:, None]).exp_()
+            total = probs.sum(-1)
+            loss += ((top + total.log() - target_logit) * wc).sum()
+            correct += ((arg == t).float() * wc).sum()
+            if need_h or need_w:
+                dlogits = probs.div_(total[:, None])
+                dlogits[rows, t] -= 1
+                dlogits.mul_(wc[:, None])
+                if need_h:
+                    grad_h[start : start + chunk] = dlogits.to(weight.dtype) @ weight
+                if need_w:
+                    grad_w.addmm_(dlogits.T, h.float())
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
+        grad_w = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        return grad_h, grad_w, None, None, None, None
+
+
+def linear_weighted_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, chunk: int = 256
+) -> WeightedCE:
+    """:func:`weighted_cross_entropy_at` of the logits ``hidden @ weight.T``, without ever holding them.
+
+    A fused LM head + cross-entropy: with a 32k vocabulary the ``[n, vocab]`` fp32 logits, their
+    log-softmax and their gradient are the largest tensors of a small model's step. Here they exist
+    one ``chunk`` of rows at a time (256 rows × 32k × 4 bytes = 32 MB), and the gradients are
+    computed in the forward pass, so the backward pass is a scaling.
+
+    Args:
+        hidden: ``[n, hidden]`` final hidden states of the positions that predict ``targets``.
+        weight: ``[vocab, hidden]`` the LM head's weight (a bias-free linear layer).
+        targets: ``[n]`` the token each position predicts.
+        weights: ``[n]`` the weight of each target.
+        chunk: Rows per chunk.
+    """
+    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    loss_sum, correct = _LinearWeightedCE.apply(hidden, weight, targets, weights, chunk, with_grad)
+    return WeightedCE(loss_sum, weights.float().sum().detach(), correct.detach())

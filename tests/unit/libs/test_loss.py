@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -71,3 +72,25 @@ def test_loss_positions_are_those_whose_next_token_has_weight():
     torch.testing.assert_close(kept.loss_sum, full.loss_sum)
     torch.testing.assert_close(kept.weight_sum, full.weight_sum)
     torch.testing.assert_close(kept.correct_weight, full.correct_weight)
+
+
+@pytest.mark.parametrize("chunk", [3, 64])
+def test_fused_linear_ce_equals_logits_then_ce_with_gradients(chunk):
+    from libs.loss import linear_weighted_cross_entropy, weighted_cross_entropy_at
+
+    torch.manual_seed(0)
+    hidden = torch.randn(10, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (10,))
+    w = torch.rand(10) * (torch.rand(10) > 0.3)
+    ref = weighted_cross_entropy_at(hidden @ weight.T, targets, w)
+    ref_grads = torch.autograd.grad(ref.loss_sum * 3.0, (hidden, weight))
+    got = linear_weighted_cross_entropy(hidden, weight, targets, w, chunk=chunk)
+    grads = torch.autograd.grad(got.loss_sum * 3.0, (hidden, weight))  # a scaled loss, as crlft_loss makes
+    torch.testing.assert_close(got.loss_sum, ref.loss_sum)
+    torch.testing.assert_close(got.weight_sum, ref.weight_sum)
+    torch.testing.assert_close(got.correct_weight, ref.correct_weight)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_weighted_cross_entropy(hidden, weight, targets, w, chunk).loss_sum, ref.loss_sum)

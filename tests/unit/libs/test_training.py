@@ -62,6 +62,9 @@ def test_training_steps_reduce_weighted_loss_on_tiny_model(tiny_model_dir, token
 
 # --- the optimised packed step is exact: loss and gradients equal the unoptimised reference -------
 
+from unittest import mock  # noqa: E402
+
+import libs.training  # noqa: E402
 from libs.loss import weighted_cross_entropy  # noqa: E402
 from libs.packing import pack, packed_forward, use_packed_attention  # noqa: E402
 from libs.training import forward_packed_ce  # noqa: E402
@@ -104,7 +107,14 @@ def _unoptimised(model, packed):
     return weighted_cross_entropy(logits, packed["input_ids"], packed["weights"])
 
 
-def _head_only_where_weighted(model, packed):
+def _logits_only_where_weighted(model, packed):
+    """transformers' logits_to_keep path (taken when the head cannot be fused, e.g. under ZeRO-3)."""
+    model.set_attn_implementation("sdpa")
+    with mock.patch("libs.training._fusable_head", return_value=False):
+        return forward_packed_ce(model, packed)
+
+
+def _fused_head_where_weighted(model, packed):
     model.set_attn_implementation("sdpa")
     return forward_packed_ce(model, packed)
 
@@ -128,7 +138,9 @@ def _loss_and_grads(model, step, packed):
 
 
 @pytest.mark.parametrize("pack_name", list(PACKS))
-@pytest.mark.parametrize("step", [_head_only_where_weighted, _per_row_attention, _both], ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize(
+    "step", [_logits_only_where_weighted, _fused_head_where_weighted, _per_row_attention, _both], ids=lambda f: f.__name__.strip("_")
+)
 def test_optimised_packed_step_has_the_loss_and_gradients_of_the_unoptimised_one(step_model, step, pack_name):
     packed = _random_pack(*PACKS[pack_name], seed=len(pack_name))
     try:
@@ -142,21 +154,33 @@ def test_optimised_packed_step_has_the_loss_and_gradients_of_the_unoptimised_one
     torch.testing.assert_close(got.correct_weight, ref.correct_weight)
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():
-        torch.testing.assert_close(g, ref_grads[name], atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+        ref_g = ref_grads[name]
+        # fp32 sums over a 32k vocabulary in another order: tolerance relative to the tensor's scale
+        atol = 1e-5 * float(ref_g.abs().max()) + 1e-9
+        torch.testing.assert_close(g, ref_g, atol=atol, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_lm_head_runs_only_where_the_next_token_has_weight(step_model):
     packed = _random_pack(*PACKS["mixed rows"], seed=3)
-    seen = []
-    hook = step_model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape))
-    try:
-        with torch.no_grad():
-            forward_packed_ce(step_model, packed)
-    finally:
-        hook.remove()
     weighted = int((packed["weights"][0, 1:] != 0).sum())
     assert 0 < weighted < packed["input_ids"].shape[1] - 1
-    assert seen == [torch.Size([weighted, step_model.config.hidden_size])]
+    head_rows, fused_rows = [], []
+    hook = step_model.lm_head.register_forward_hook(lambda mod, args, out: head_rows.append(args[0].shape[0]))
+    fused = libs.training.linear_weighted_cross_entropy
+
+    def spy(hidden, *args, **kwargs):
+        fused_rows.append(hidden.shape[0])
+        return fused(hidden, *args, **kwargs)
+
+    try:
+        with torch.no_grad(), mock.patch("libs.training.linear_weighted_cross_entropy", spy):
+            forward_packed_ce(step_model, packed)  # fused: the model's own head sees no position
+            with mock.patch("libs.training._fusable_head", return_value=False):
+                forward_packed_ce(step_model, packed)  # logits_to_keep: the head sees the weighted ones
+    finally:
+        hook.remove()
+    assert fused_rows == [weighted]
+    assert head_rows == [0, weighted]
 
 
 def test_a_pack_without_any_weight_gives_zero_sums(step_model):
