@@ -131,7 +131,7 @@ def forward_packed_ce(model, packed: dict[str, torch.Tensor]) -> WeightedCE:
     weights = packed["weights"][:, 1:][shifted]
     inner = getattr(model, "module", model)
     head = inner.get_output_embeddings()
-    if not _fusable_head(head):
+    if not _fusable_head(head, inner.config):
         logits = packed_forward(model, packed, logits_to_keep=keep)
         return weighted_cross_entropy_at(logits.reshape(-1, logits.size(-1)), targets.to(logits.device), weights.to(logits.device))
     # The model runs as usual (through the engine: its hooks, checkpointing) but with no position
@@ -147,10 +147,17 @@ def forward_packed_ce(model, packed: dict[str, torch.Tensor]) -> WeightedCE:
     return linear_weighted_cross_entropy(hidden[keep.to(device)], head.weight, targets.to(device), weights.to(device))
 
 
-def _fusable_head(head) -> bool:
-    """Whether the LM head is a plain bias-free linear layer whose full weight is at hand."""
+#: Causal LMs whose logits are exactly ``lm_head(hidden)`` (no softcapping or logit scaling after
+#: it, as Gemma-2 or Cohere apply): only their head is replaced by the fused loss.
+_PLAIN_HEAD_MODEL_TYPES = frozenset({"mistral", "llama", "qwen2", "qwen3"})
+
+
+def _fusable_head(head, config) -> bool:
+    """Whether the LM head is a plain bias-free linear layer, whose full weight is at hand, of a
+    model that applies nothing after it."""
     return (
-        type(head) is torch.nn.Linear
+        getattr(config, "model_type", None) in _PLAIN_HEAD_MODEL_TYPES
+        and type(head) is torch.nn.Linear
         and head.bias is None
         and not hasattr(head.weight, "ds_id")  # a ZeRO-3 partition: the weight is gathered only in its forward
     )

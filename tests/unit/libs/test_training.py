@@ -187,3 +187,15 @@ def test_a_pack_without_any_weight_gives_zero_sums(step_model):
     parts = forward_packed_ce(step_model, pack([[1], [1, 5]], [[0.0], [0.0, 0.0]]))
     assert float(parts.loss_sum.detach()) == 0 and float(parts.weight_sum) == 0 and float(parts.correct_weight) == 0
     parts.loss_sum.backward()  # the LM head saw no position; the step still backpropagates
+
+
+def test_only_plain_bias_free_heads_of_known_models_are_fused():
+    from libs.training import _fusable_head
+
+    head = torch.nn.Linear(4, 10, bias=False)
+    config = type("Config", (), {"model_type": "mistral"})()
+    assert _fusable_head(head, config)
+    assert not _fusable_head(head, type("Config", (), {"model_type": "gemma2"})())  # softcaps its logits
+    assert not _fusable_head(torch.nn.Linear(4, 10), config)  # a bias
+    head.weight.ds_id = 0  # a ZeRO-3 partition
+    assert not _fusable_head(head, config)
