@@ -130,11 +130,12 @@ def _has_flash_attn() -> bool:
 
 def run_packed(rows: Rows, args, seed: int) -> dict:
     """One epoch of raychat's packed step; returns tokens/s and packing figures."""
-    from libs.packing import pack, plan_epoch
+    from libs.packing import pack, plan_epoch, use_packed_attention
     from libs.training import forward_packed_ce
 
     dtype = getattr(torch, args.dtype)
     model = build_model(args.model, args.vocab, args.max_length, args.device, dtype, seed)
+    use_packed_attention(model)  # as jobs.train does: per-row attention unless flash/flex is in use
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     plan = plan_epoch(rows.lengths, args.batch_max_len, num_ranks=1, seed=seed, epoch=0)

@@ -68,7 +68,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import torch.distributed as dist
 
     from libs.model import add_missing_eot, load_causal_lm, lora_model, set_generation_stop
-    from libs.packing import group_packs, pack
+    from libs.packing import group_packs, pack, use_packed_attention
     from libs.training import deepspeed_config, lr_multiplier, train_step
 
     setup_logging()
@@ -84,6 +84,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if add_missing_eot(model, tokenizer) and rank == 0:
         log.info("added %s to the base model (embedding = mean of the others)", EOT_TOKEN)
     set_generation_stop(model, tokenizer)
+    # Per-row attention over packs (no T² mask) unless the model already runs a varlen kernel.
+    use_packed_attention(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r is not None:

@@ -31,15 +31,46 @@ def weighted_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, weight
         input_ids: ``[batch, seq]`` token ids.
         weights: ``[batch, seq]`` unshifted per-token weights (0 on padding and prompts).
     """
-    shift_logits = logits[:, :-1, :].float()
-    targets = input_ids[:, 1:]
-    w = weights[:, 1:].to(shift_logits.dtype)
-    ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), targets.reshape(-1), reduction="none")
-    w = w.reshape(-1)
+    vocab = logits.size(-1)
+    return weighted_cross_entropy_at(
+        logits[:, :-1, :].reshape(-1, vocab), input_ids[:, 1:].reshape(-1), weights[:, 1:].reshape(-1)
+    )
+
+
+def weighted_cross_entropy_at(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> WeightedCE:
+    """Σ w·CE and Σ w over already-shifted prediction positions.
+
+    Args:
+        logits: ``[n, vocab]`` logits of the positions that predict ``targets``.
+        targets: ``[n]`` the token each position predicts.
+        weights: ``[n]`` the weight of each target.
+    """
+    logits = logits.float()
+    w = weights.to(logits.dtype)
+    ce = F.cross_entropy(logits, targets, reduction="none")
     with torch.no_grad():
-        correct = (shift_logits.argmax(-1).reshape(-1) == targets.reshape(-1)).to(w.dtype)
+        correct = (logits.argmax(-1) == targets).to(w.dtype)
         correct_weight = (correct * w).sum()
     return WeightedCE((ce * w).sum(), w.sum().detach(), correct_weight)
+
+
+def loss_positions(weights: torch.Tensor) -> torch.Tensor:
+    """Positions whose logits the loss needs: those whose *next* token has a non-zero weight.
+
+    Weights are unshifted (``weights[:, t]`` weighs predicting token ``t`` from position
+    ``t - 1``), so position ``t`` matters iff ``weights[:, t + 1] != 0``; the last position never
+    does. Every other position adds exactly 0 to Σ w·CE, Σ w and their gradients, so computing
+    the LM head and cross-entropy only here gives the same sums.
+
+    Args:
+        weights: ``[batch, seq]`` unshifted per-token weights.
+
+    Returns:
+        Bool ``[batch, seq]`` mask (transformers' ``logits_to_keep`` accepts it as is).
+    """
+    keep = torch.zeros(weights.shape, dtype=torch.bool, device=weights.device)
+    keep[:, :-1] = weights[:, 1:] != 0
+    return keep
 
 
 def crlft_loss(parts: WeightedCE, global_weight_sum: torch.Tensor | float, world_size: int = 1) -> torch.Tensor:
@@ -51,3 +82,73 @@ def crlft_loss(parts: WeightedCE, global_weight_sum: torch.Tensor | float, world
     """
     denom = torch.as_tensor(global_weight_sum, dtype=parts.loss_sum.dtype).clamp_min(1e-8)
     return parts.loss_sum * world_size / denom
+
+
+class _LinearWeightedCE(torch.autograd.Function):
+    """Σ w·CE of ``hidden @ weight.T`` by row chunks, with its gradients worked out chunk by chunk.
+
+    The ``[n, vocab]`` logits are never whole: each chunk's logits become its softmax in place and
+    then its gradient (``w · (softmax - onehot)``), which is multiplied into the gradients of
+    ``hidden`` and ``weight`` before the next chunk. ``backward`` only scales them by the incoming
+    gradient (the loss is a sum, so that is exact).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, w, chunk: int, with_grad: bool):
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        need_h, need_w = with_grad and ctx.needs_input_grad[0], with_grad and ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        w = w.float()
+        for start in range(0, hidden.shape[0], chunk):
+            h, t, wc = hidden[start : start + chunk], targets[start : start + chunk], w[start : start + chunk]
+            logits = (h @ weight.T).float()
+            rows = torch.arange(h.shape[0], device=h.device)
+            target_logit = logits[rows, t]
+            top, arg = logits.max(-1)
+            probs = logits.sub_(top[:, None]).exp_()
+            total = probs.sum(-1)
+            loss += ((top + total.log() - target_logit) * wc).sum()
+            correct += ((arg == t).float() * wc).sum()
+            if need_h or need_w:
+                dlogits = probs.div_(total[:, None])
+                dlogits[rows, t] -= 1
+                dlogits.mul_(wc[:, None])
+                if need_h:
+                    grad_h[start : start + chunk] = dlogits.to(weight.dtype) @ weight
+                if need_w:
+                    grad_w.addmm_(dlogits.T, h.float())
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
+        grad_w = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        return grad_h, grad_w, None, None, None, None
+
+
+def linear_weighted_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, chunk: int = 256
+) -> WeightedCE:
+    """:func:`weighted_cross_entropy_at` of the logits ``hidden @ weight.T``, without ever holding them.
+
+    A fused LM head + cross-entropy: with a 32k vocabulary the ``[n, vocab]`` fp32 logits, their
+    log-softmax and their gradient are the largest tensors of a small model's step. Here they exist
+    one ``chunk`` of rows at a time (256 rows × 32k × 4 bytes = 32 MB), and the gradients are
+    computed in the forward pass, so the backward pass is a scaling.
+
+    Args:
+        hidden: ``[n, hidden]`` final hidden states of the positions that predict ``targets``.
+        weight: ``[vocab, hidden]`` the LM head's weight (a bias-free linear layer).
+        targets: ``[n]`` the token each position predicts.
+        weights: ``[n]`` the weight of each target.
+        chunk: Rows per chunk.
+    """
+    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    loss_sum, correct = _LinearWeightedCE.apply(hidden, weight, targets, weights, chunk, with_grad)
+    return WeightedCE(loss_sum, weights.float().sum().detach(), correct.detach())

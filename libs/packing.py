@@ -301,34 +301,124 @@ def document_causal_mask(
     return mask[None, None]
 
 
+#: Attention implementation name of :func:`packed_sdpa_attention` in transformers' ``AttentionInterface``.
+PACKED_SDPA = "raychat_packed_sdpa"
+
+
 def _uses_varlen_kernel(attn_implementation: str | None) -> bool:
     """Whether transformers derives per-row attention from packed ``position_ids`` by itself."""
     impl = attn_implementation or ""
     return "flash" in impl or impl == "flex_attention"
 
 
-def packed_forward(model, packed: dict[str, torch.Tensor]) -> torch.Tensor:
+def _row_window_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
+    """Bool ``[length, length]``: causal, and at most ``window`` keys back (the query included)."""
+    idx = torch.arange(length, device=device)
+    return (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - window)
+
+
+def packed_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Causal SDPA run separately on each row of a pack (an ``AttentionInterface`` function).
+
+    The dense alternative (:func:`document_causal_mask`) scores all ``T²`` query/key pairs of a
+    pack and masks most of them away; here each row ``i`` is its own causal SDPA call, so the work
+    is ``Σ Lᵢ²`` and no mask is built (CPU's SDPA and CUDA's flash kernels both take ``is_causal``).
+    Rows longer than ``sliding_window`` get an explicit banded mask, as Mistral's window needs.
+
+    Row boundaries come from ``cu_seq_lens_q`` (the varlen kernels' keyword, which the model passes
+    through to its attention); :func:`packed_forward` supplies it. Without it the call is refused:
+    transformers builds no mask for this implementation, so a padded batch would silently attend
+    to padding.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None:
+        raise ValueError(
+            f"attention {PACKED_SDPA!r} only runs packs through libs.packing.packed_forward (cu_seq_lens_q is missing)"
+        )
+    if query.shape[0] != 1:
+        raise ValueError(f"a pack is one sequence (batch 1), got batch {query.shape[0]}")
+    bounds = cu_seq_lens_q.tolist()
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        length = end - start
+        mask = None
+        if sliding_window is not None and length > sliding_window:
+            mask = _row_window_mask(length, sliding_window, query.device)
+        out, _ = sdpa_attention_forward(
+            module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], mask,
+            dropout=dropout, scaling=scaling, is_causal=True,
+        )
+        outs.append(out)
+    return torch.cat(outs, dim=1), None
+
+
+def use_packed_attention(model) -> str:
+    """Selects per-row attention (:func:`packed_sdpa_attention`) for a model that trains on packs.
+
+    Models already on a varlen kernel (flash-attention, flex) keep it: transformers derives rows
+    from the packed ``position_ids`` there. Only the attention of the forward pass changes; the
+    implementation is not written into saved configs, so checkpoints load with plain transformers.
+
+    Args:
+        model: A transformers ``PreTrainedModel`` (before any PEFT wrapping).
+
+    Returns:
+        The attention implementation the model now uses.
+    """
+    from transformers import AttentionInterface
+
+    if _uses_varlen_kernel(getattr(model.config, "_attn_implementation", None)):
+        return model.config._attn_implementation
+    if PACKED_SDPA not in AttentionInterface._global_mapping:
+        AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    model.set_attn_implementation(PACKED_SDPA)
+    return PACKED_SDPA
+
+
+def packed_forward(model, packed: dict[str, torch.Tensor], logits_to_keep: torch.Tensor | None = None) -> torch.Tensor:
     """Runs an HF causal LM on a pack without attention crossing rows.
 
     Args:
         model: A transformers causal LM (e.g. ``MistralForCausalLM``), or a wrapper exposing it as
             ``.module``.
         packed: Output of :func:`pack`.
+        logits_to_keep: Optional bool ``[1, T]`` mask: the LM head runs only at these positions
+            (transformers' ``logits_to_keep``), e.g. :func:`libs.loss.loss_positions`.
 
     Returns:
-        Logits ``[1, T, vocab]``.
+        Logits ``[1, T, vocab]``, or ``[kept, vocab]`` with ``logits_to_keep``.
     """
     inner = getattr(model, "module", model)
     config = inner.config
     device = inner.get_input_embeddings().weight.device
     input_ids = packed["input_ids"].to(device)
     position_ids = packed["position_ids"].to(device)
-    if _uses_varlen_kernel(getattr(config, "_attn_implementation", None)):
+    kwargs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
+    if logits_to_keep is not None:
+        kwargs["logits_to_keep"] = logits_to_keep.to(device)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl == PACKED_SDPA:
+        # Per-row SDPA (see use_packed_attention): row boundaries instead of a mask. They stay on
+        # the CPU: the attention reads them as Python ints, which needs no device sync.
+        out = model(**kwargs, cu_seq_lens_q=packed["cu_seqlens"])
+    elif _uses_varlen_kernel(impl):
         # GPU path (untested here, no GPU). With flash-attention, transformers sees that
         # position_ids restart (batch of 1) and calls the varlen kernel with cu_seqlens derived from
         # them; with flex attention, masking_utils builds a per-row BlockMask from the same restarts.
         # A dense 4D mask would be wrong (flash) or O(T²) (flex), so pass none.
-        out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        out = model(**kwargs)
     else:
         # Eager / SDPA: masking_utils returns a 4D attention_mask as-is (custom mask), and both
         # kernels add a float mask to the attention scores.
@@ -337,7 +427,7 @@ def packed_forward(model, packed: dict[str, torch.Tensor]) -> torch.Tensor:
             dtype=inner.get_input_embeddings().weight.dtype,
             sliding_window=getattr(config, "sliding_window", None),
         )
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        out = model(**kwargs, attention_mask=mask)
     return out.logits
 
 

@@ -24,7 +24,14 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from libs.config import TrainConfig
-from libs.loss import WeightedCE, crlft_loss, weighted_cross_entropy
+from libs.loss import (
+    WeightedCE,
+    crlft_loss,
+    linear_weighted_cross_entropy,
+    loss_positions,
+    weighted_cross_entropy,
+    weighted_cross_entropy_at,
+)
 from libs.packing import packed_forward
 
 #: OpenChat's reference point for the automatic LR: LLaMA's 3e-4 at a 4M-token batch.
@@ -111,10 +118,49 @@ def forward_packed_ce(model, packed: dict[str, torch.Tensor]) -> WeightedCE:
     """One forward pass over a pack from :func:`libs.packing.pack` and its C-RLFT sums.
 
     Attention never crosses conversations (see :func:`libs.packing.packed_forward`), and the sums
-    equal those of running each conversation alone.
+    equal those of running each conversation alone. The LM head and the cross-entropy run only at
+    the positions whose next token has a non-zero weight (:func:`libs.loss.loss_positions`): every
+    other position adds exactly 0 to the sums and their gradients. With a plain bias-free linear
+    head they run fused, by chunks (:func:`libs.loss.linear_weighted_cross_entropy`), so the
+    ``[positions, vocab]`` logits are never held whole; otherwise (a ZeRO-3-partitioned or
+    adapter-wrapped head) through transformers' ``logits_to_keep``.
     """
-    logits = packed_forward(model, packed)
-    return weighted_cross_entropy(logits, packed["input_ids"].to(logits.device), packed["weights"].to(logits.device))
+    keep = loss_positions(packed["weights"])
+    shifted = keep[:, :-1]  # position t predicts token t + 1
+    targets = packed["input_ids"][:, 1:][shifted]
+    weights = packed["weights"][:, 1:][shifted]
+    inner = getattr(model, "module", model)
+    head = inner.get_output_embeddings()
+    if not _fusable_head(head, inner.config):
+        logits = packed_forward(model, packed, logits_to_keep=keep)
+        return weighted_cross_entropy_at(logits.reshape(-1, logits.size(-1)), targets.to(logits.device), weights.to(logits.device))
+    # The model runs as usual (through the engine: its hooks, checkpointing) but with no position
+    # kept, so its own head does no work; the final hidden states come from the decoder's output.
+    captured: list[torch.Tensor] = []
+    hook = inner.get_decoder().register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
+    try:
+        packed_forward(model, packed, logits_to_keep=torch.zeros_like(keep))
+    finally:
+        hook.remove()
+    (hidden,) = captured
+    device = hidden.device
+    return linear_weighted_cross_entropy(hidden[keep.to(device)], head.weight, targets.to(device), weights.to(device))
+
+
+#: Causal LMs whose logits are exactly ``lm_head(hidden)`` (no softcapping or logit scaling after
+#: it, as Gemma-2 or Cohere apply): only their head is replaced by the fused loss.
+_PLAIN_HEAD_MODEL_TYPES = frozenset({"mistral", "llama", "qwen2", "qwen3"})
+
+
+def _fusable_head(head, config) -> bool:
+    """Whether the LM head is a plain bias-free linear layer, whose full weight is at hand, of a
+    model that applies nothing after it."""
+    return (
+        getattr(config, "model_type", None) in _PLAIN_HEAD_MODEL_TYPES
+        and type(head) is torch.nn.Linear
+        and head.bias is None
+        and not hasattr(head.weight, "ds_id")  # a ZeRO-3 partition: the weight is gathered only in its forward
+    )
 
 
 def pack_weight_sum(packed: dict[str, torch.Tensor]) -> float:

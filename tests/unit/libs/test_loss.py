@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -55,3 +56,41 @@ def test_two_ranks_with_global_normalisation_match_one_process():
     # Uneven split on purpose: rank 0 gets 1 row, rank 1 gets 3; data-parallel averages grads.
     averaged = (grads(slice(0, 1), total_w, 2) + grads(slice(1, 4), total_w, 2)) / 2
     assert torch.allclose(whole, averaged, atol=1e-6)
+
+
+def test_loss_positions_are_those_whose_next_token_has_weight():
+    from libs.loss import loss_positions, weighted_cross_entropy_at
+
+    w = torch.tensor([[0.0, 0.0, 1.0, 0.5, 0.0, 2.0]])
+    keep = loss_positions(w)
+    assert keep.tolist() == [[False, True, True, False, True, False]]  # the last position never predicts
+    torch.manual_seed(0)
+    logits = torch.randn(1, 6, 7)
+    ids = torch.randint(0, 7, (1, 6))
+    full = weighted_cross_entropy(logits, ids, w)
+    kept = weighted_cross_entropy_at(logits[keep], ids[:, 1:][keep[:, :-1]], w[:, 1:][keep[:, :-1]])
+    torch.testing.assert_close(kept.loss_sum, full.loss_sum)
+    torch.testing.assert_close(kept.weight_sum, full.weight_sum)
+    torch.testing.assert_close(kept.correct_weight, full.correct_weight)
+
+
+@pytest.mark.parametrize("chunk", [3, 64])
+def test_fused_linear_ce_equals_logits_then_ce_with_gradients(chunk):
+    from libs.loss import linear_weighted_cross_entropy, weighted_cross_entropy_at
+
+    torch.manual_seed(0)
+    hidden = torch.randn(10, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (10,))
+    w = torch.rand(10) * (torch.rand(10) > 0.3)
+    ref = weighted_cross_entropy_at(hidden @ weight.T, targets, w)
+    ref_grads = torch.autograd.grad(ref.loss_sum * 3.0, (hidden, weight))
+    got = linear_weighted_cross_entropy(hidden, weight, targets, w, chunk=chunk)
+    grads = torch.autograd.grad(got.loss_sum * 3.0, (hidden, weight))  # a scaled loss, as crlft_loss makes
+    torch.testing.assert_close(got.loss_sum, ref.loss_sum)
+    torch.testing.assert_close(got.weight_sum, ref.weight_sum)
+    torch.testing.assert_close(got.correct_weight, ref.correct_weight)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_weighted_cross_entropy(hidden, weight, targets, w, chunk).loss_sum, ref.loss_sum)

@@ -5,7 +5,16 @@ import pytest
 import torch
 
 from libs.loss import weighted_cross_entropy
-from libs.packing import document_causal_mask, group_packs, pack, packed_forward, plan_epoch, plan_feed, row_keys
+from libs.packing import (
+    PACKED_SDPA,
+    document_causal_mask,
+    group_packs,
+    pack,
+    packed_forward,
+    plan_epoch,
+    plan_feed,
+    row_keys,
+)
 
 BUDGET = 65536
 
@@ -364,4 +373,95 @@ def test_packed_forward_on_gpu_in_bf16_matches_rows_alone(tiny_model_dir, attn):
     with torch.no_grad():
         logits = packed_forward(model, pack(rows_ids, rows_w))[0].float()
         alone = torch.cat([model(input_ids=torch.tensor([ids], device="cuda")).logits[0].float() for ids in rows_ids])
+    torch.testing.assert_close(logits, alone, atol=3e-2, rtol=3e-2)
+
+
+# --- per-row attention (the CPU training path): no T×T mask, Σ Lᵢ² scores -------------------------
+
+
+def test_per_row_attention_logits_equal_each_row_run_alone(tiny_model):
+    from libs.packing import use_packed_attention
+
+    rows_ids, rows_w = three_rows()
+    expected = torch.cat(rows_alone(tiny_model, rows_ids))
+    try:
+        assert use_packed_attention(tiny_model) == PACKED_SDPA
+        with torch.no_grad():
+            logits = packed_forward(tiny_model, pack(rows_ids, rows_w))[0]
+    finally:
+        tiny_model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_per_row_attention_keeps_mistral_sliding_window_within_each_row():
+    from transformers import MistralForCausalLM
+
+    from libs.model import tiny_mistral_config
+    from libs.packing import use_packed_attention
+
+    config = tiny_mistral_config(vocab_size=64)
+    config.sliding_window, config.pad_token_id = 3, 0
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(1)
+    rows_ids = [[1] + torch.randint(3, 64, (n - 1,), generator=g).tolist() for n in (8, 2, 6)]
+    packed = pack(rows_ids, [[0.0] * len(r) for r in rows_ids])
+    with torch.no_grad():
+        dense = packed_forward(model, packed)  # the document mask, windowed
+        use_packed_attention(model)
+        per_row = packed_forward(model, packed)
+        model.config.sliding_window = None
+        per_row_unwindowed = packed_forward(model, packed)
+    torch.testing.assert_close(per_row, dense, atol=1e-5, rtol=1e-5)
+    # The 8-token row is longer than the window: dropping the window would change its logits.
+    assert not torch.allclose(per_row_unwindowed[0, :8], per_row[0, :8], atol=1e-4)
+
+
+def test_per_row_attention_refuses_a_call_that_is_not_a_pack(tiny_model):
+    from libs.packing import use_packed_attention
+
+    try:
+        use_packed_attention(tiny_model)
+        with pytest.raises(ValueError, match="only runs packs"), torch.no_grad():
+            tiny_model(input_ids=torch.tensor([[1, 5, 6]]), use_cache=False)
+    finally:
+        tiny_model.set_attn_implementation("sdpa")
+
+
+def test_varlen_kernels_are_kept_by_use_packed_attention():
+    from libs.packing import use_packed_attention
+
+    model = RecordingLM("flash_attention_2")
+    assert use_packed_attention(model) == "flash_attention_2"
+    assert model.config._attn_implementation == "flash_attention_2"
+
+
+def test_checkpoint_of_a_per_row_attention_model_loads_with_plain_transformers(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from libs.model import load_causal_lm
+    from libs.packing import use_packed_attention
+
+    model, _ = load_causal_lm(tiny_model_dir)
+    use_packed_attention(model)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    assert PACKED_SDPA not in (tmp_path / "config.json").read_text()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        assert reloaded(input_ids=torch.tensor([[1, 5, 6]])).logits.shape == (1, 3, 32002)
+
+
+@pytest.mark.gpu
+def test_per_row_attention_on_gpu_in_bf16_matches_rows_alone(tiny_model_dir):
+    from libs.model import load_causal_lm
+    from libs.packing import use_packed_attention
+
+    model, _ = load_causal_lm(tiny_model_dir, dtype=torch.bfloat16)
+    model = model.cuda().eval()
+    rows_ids, rows_w = three_rows()
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=torch.tensor([ids], device="cuda")).logits[0].float() for ids in rows_ids])
+        use_packed_attention(model)
+        logits = packed_forward(model, pack(rows_ids, rows_w))[0].float()
     torch.testing.assert_close(logits, alone, atol=3e-2, rtol=3e-2)
