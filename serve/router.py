@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Protocol
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,11 +33,9 @@ from serve.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
-    ChunkChoice,
     Completion,
     CompletionChoice,
     CompletionRequest,
-    Delta,
     EngineChunk,
     EngineRequest,
     ModelCard,
@@ -266,6 +264,12 @@ async def _merged(opened: list[tuple[EngineChunk, AsyncIterator[EngineChunk] | N
             t.cancel()
 
 
+class EngineClient(Protocol):
+    """How the router reaches an engine: the first chunk of a choice, and the stream of the rest."""
+
+    async def open(self, ereq: EngineRequest) -> "tuple[EngineChunk, AsyncIterator[EngineChunk] | None]": ...
+
+
 class RemoteEngine:
     """The engine deployment behind a ``DeploymentHandle`` (``layout: split``)."""
 
@@ -314,7 +318,7 @@ class OpenAIRouter:
         if engine is None:
             from serve.engine import LLMEngine
 
-            self.engine = LocalEngine(LLMEngine(cfg, checkpoint))
+            self.engine: EngineClient = LocalEngine(LLMEngine(cfg, checkpoint))
         else:
             self.engine = RemoteEngine(engine)
         app.state.api_keys = keys or None
