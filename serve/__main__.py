@@ -13,11 +13,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from libs.raycfg import ray_address
+    from libs.raycfg import apply_local_serve_runtime, ray_address
     from serve.app import build_app
 
     cfg = parse_config(ServeConfig, argv, prog="python -m serve")
-    ray.init(address=ray_address())
+    address = ray_address()
+    if address is None:  # a new local instance: HAProxy ingress and Serve's throughput-optimized runtime
+        apply_local_serve_runtime()
+    ray.init(address=address)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg.model_dump()), name="raychat", route_prefix="/", blocking=True)
     return 0

@@ -246,3 +246,21 @@ def test_one_ray_version_in_pyproject_venv_dockerfile_and_manifests(rendered):
         for where, template in pod_templates(docs).items():
             for container in template["spec"]["containers"]:
                 assert container["image"].rpartition(":")[2] == images[overlay], (overlay, where, container["image"])
+
+
+def test_every_serve_node_runs_the_serve_runtime_and_haproxy_reaches_replica_ports(rendered):
+    from libs.raycfg import SERVE_RUNTIME_ENV
+
+    for overlay, docs in rendered.items():
+        for where, template in pod_templates(docs).items():
+            if not where.startswith("RayService"):
+                continue
+            env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0].get("env", [])}
+            # Ray reads these at process start on each node: one node without them runs Serve's old proxy.
+            assert {k: env.get(k) for k in SERVE_RUNTIME_ENV} == SERVE_RUNTIME_ENV, (overlay, where)
+        # HAProxy on any node forwards to ingress replicas' own HTTP ports (30000-31000 by default) on
+        # every other node: raychat pods must accept all ports from each other.
+        for policy in find(docs, "NetworkPolicy"):
+            peers = [r for r in policy["spec"]["ingress"] if "ports" not in r]
+            assert any(p.get("podSelector", {}).get("matchLabels") == {"app.kubernetes.io/name": "raychat"}
+                       for r in peers for p in r["from"]), (overlay, policy["metadata"]["name"])
