@@ -181,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
 
     key = "sk-bench"
     (tmp / "keys").write_text(key + "\n")
-    from libs.raycfg import apply_local_serve_runtime
+    from libs.raycfg import apply_local_ray_env
 
-    runtime = apply_local_serve_runtime()  # as `python -m serve` / start-local.sh run it (env vars override)
+    runtime = apply_local_ray_env()  # as `python -m serve` / start-local.sh run it (env vars override)
     print("Serve runtime: " + ", ".join(f"{k}={v}" for k, v in runtime.items()), flush=True)
     # Logical CPUs: one engine replica of num_cpus per arm (they take turns; an idle one only waits).
     ray.init(num_cpus=max(2, args.num_cpus * len(arms)) if not args.num_gpus else None, include_dashboard=False,

@@ -7,7 +7,7 @@ import os
 
 import ray
 
-from libs.raycfg import apply_local_serve_runtime, ray_address
+from libs.raycfg import apply_local_ray_env, ray_address
 
 log = logging.getLogger("raychat")
 
@@ -21,7 +21,7 @@ def init_ray() -> None:
     if ray.is_initialized():
         return
     address = ray_address()
-    if address is None:  # a new local instance: it runs Serve the way raychat clusters do
-        apply_local_serve_runtime()
+    if address is None:  # a new local instance: raychat's Serve runtime and small-machine settings
+        apply_local_ray_env()
     ray.init(address=address, log_to_driver=True)
     log.info("connected to Ray %s (%s)", ray.__version__, address or "local")

@@ -1,8 +1,8 @@
 """Where Ray should connect, and the Serve runtime a raychat cluster runs — decided without importing Ray
 (used by jobs/, serve/, cluster/start-local.sh and the tests).
 
-``python -m libs.raycfg [--local]`` prints the Serve runtime as ``export`` lines for a shell that is
-about to ``ray start`` (values already in the environment win).
+``python -m libs.raycfg [--local]`` prints the Serve runtime (``--local``: :data:`LOCAL_RAY_ENV`) as
+``export`` lines for a shell that is about to ``ray start`` (values already in the environment win).
 """
 
 from __future__ import annotations
@@ -18,8 +18,16 @@ from typing import MutableMapping
 # environment before `ray start` (the KubeRay manifests set it on every container). On 2 CPUs it cut
 # the TTFT overhead of the endpoint from ~23 ms to ~7 ms (README "Serving").
 SERVE_RUNTIME_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
-# A single machine has no load balancer to drain: ingress replicas stop after 2 s, not Serve's 30 s.
-LOCAL_SERVE_RUNTIME_ENV = {**SERVE_RUNTIME_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+# A single-machine instance (a job's own `ray.init()`, start-local.sh) also gets:
+LOCAL_RAY_ENV = {
+    **SERVE_RUNTIME_ENV,
+    # no load balancer to drain: ingress replicas stop after 2 s, not Serve's 30 s;
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    # Ray keeps about one idle worker process per CPU and kills the others after 1 s, so on a small
+    # machine a task that comes back after a pause (the data job's last parquet shard) waits for a
+    # fresh worker (~1.5 s of CPU); kept 30 s, the data job's tail after tokenizing fell from ~2.5 s to ~0.4 s.
+    "RAY_idle_worker_killing_time_threshold_ms": "30000",
+}
 
 
 def ray_address(env: MutableMapping[str, str] | None = None) -> str | None:
@@ -37,12 +45,12 @@ def ray_address(env: MutableMapping[str, str] | None = None) -> str | None:
     return address
 
 
-def apply_local_serve_runtime(env: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Puts :data:`LOCAL_SERVE_RUNTIME_ENV` into ``env`` (default ``os.environ``) where not set already,
+def apply_local_ray_env(env: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Puts :data:`LOCAL_RAY_ENV` into ``env`` (default ``os.environ``) where not set already,
     so a local Ray instance started next (``ray.init()`` without an address) inherits it.
     Returns the values now in effect; ``RAY_SERVE_ENABLE_HA_PROXY=0`` keeps Serve's proxy actor."""
     env = os.environ if env is None else env
-    return {k: env.setdefault(k, v) for k, v in LOCAL_SERVE_RUNTIME_ENV.items()}
+    return {k: env.setdefault(k, v) for k, v in LOCAL_RAY_ENV.items()}
 
 
 def export_lines(values: dict[str, str]) -> str:
@@ -51,4 +59,4 @@ def export_lines(values: dict[str, str]) -> str:
 
 
 if __name__ == "__main__":
-    sys.stdout.write(export_lines(LOCAL_SERVE_RUNTIME_ENV if "--local" in sys.argv[1:] else SERVE_RUNTIME_ENV))
+    sys.stdout.write(export_lines(LOCAL_RAY_ENV if "--local" in sys.argv[1:] else SERVE_RUNTIME_ENV))

@@ -13,13 +13,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from libs.raycfg import apply_local_serve_runtime, ray_address
+    from libs.raycfg import apply_local_ray_env, ray_address
     from serve.app import build_app
 
     cfg = parse_config(ServeConfig, argv, prog="python -m serve")
     address = ray_address()
     if address is None:  # a new local instance: HAProxy ingress and Serve's throughput-optimized runtime
-        apply_local_serve_runtime()
+        apply_local_ray_env()
     ray.init(address=address)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg.model_dump()), name="raychat", route_prefix="/", blocking=True)

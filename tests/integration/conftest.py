@@ -10,9 +10,9 @@ def ray_local(s3_server):
     # The moto endpoint/credentials are in os.environ before Ray starts, so every worker inherits them.
     import ray
 
-    from libs.raycfg import apply_local_serve_runtime
+    from libs.raycfg import apply_local_ray_env
 
-    apply_local_serve_runtime()  # Serve as raychat clusters run it: HAProxy ingress, throughput-optimized
+    apply_local_ray_env()  # Serve as raychat clusters run it: HAProxy ingress, throughput-optimized
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     from ray import serve

@@ -5,15 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from libs.raycfg import LOCAL_SERVE_RUNTIME_ENV, SERVE_RUNTIME_ENV, apply_local_serve_runtime, export_lines
+from libs.raycfg import LOCAL_RAY_ENV, SERVE_RUNTIME_ENV, apply_local_ray_env, export_lines
 
 
 def test_local_runtime_fills_only_what_the_user_did_not_set():
     env = {"RAY_SERVE_ENABLE_HA_PROXY": "0", "OTHER": "x"}
-    effective = apply_local_serve_runtime(env)
+    effective = apply_local_ray_env(env)
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and effective["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
     assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and env["OTHER"] == "x"
-    assert set(effective) == set(LOCAL_SERVE_RUNTIME_ENV) >= set(SERVE_RUNTIME_ENV)
+    assert set(effective) == set(LOCAL_RAY_ENV) >= set(SERVE_RUNTIME_ENV)
 
 
 def test_export_lines_set_defaults_in_a_real_shell_and_keep_user_values():
