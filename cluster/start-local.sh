@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RAY=${RAY:-.venv/bin/ray}
 export RAY_AUTH_MODE=token
-# Serve's throughput-optimized runtime with HAProxy ingress (libs/raycfg.py; RAY_SERVE_ENABLE_HA_PROXY=0 opts out).
+# Serve's throughput-optimized runtime with HAProxy ingress (libs/raycfg.py; RAYCHAT_SERVE_INGRESS=proxy keeps Serve's proxy).
 eval "$("${PY:-.venv/bin/python}" -m libs.raycfg --local)"
 "$RAY" get-auth-token --generate >/dev/null
 "$RAY" start --head --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 --dashboard-port 8265 \

