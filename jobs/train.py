@@ -499,7 +499,12 @@ def run(cfg: TrainConfig) -> dict:
     check_data_matches_model(cfg.data, base_uri)
 
     data_fs, data_path = storage.resolve(cfg.data)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True  # deterministic, resumable feed
+    data_ctx = ray.data.DataContext.get_current()
+    data_ctx.execution_options.preserve_order = True  # deterministic, resumable feed
+    # Ray Train copies this context to the workers. Their per-rank feeds would each draw Ray Data
+    # progress bars, relayed to the driver line by line (2,400 lines for the tiny demo) around the
+    # step log, which already reports progress.
+    data_ctx.enable_progress_bars = False
     ds = ray.data.read_parquet(data_path, filesystem=data_fs, columns=["id", *TRAIN_COLUMNS])
     train_ds, eval_ds = split_train_eval(ds, cfg.eval_fraction)
     keys, lengths, supervised_ratio = collect_row_meta(train_ds)
