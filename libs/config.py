@@ -220,6 +220,12 @@ class ServeConfig(_Config):
             raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) < max_batch_size ({self.max_batch_size}): batches could never fill")
         return self
 
+    def combined_admission_limit(self) -> int | None:
+        """``layout: combined``: generation requests one replica admits at once — what the split layout's
+        engine replica and router queue hold together (``max_ongoing_requests + max_queued_requests``);
+        the next one gets 429. None when the queue is unbounded (-1)."""
+        return None if self.max_queued_requests < 0 else self.max_ongoing_requests + self.max_queued_requests
+
 
 class PipelineConfig(_Config):
     """Run the whole spine on the embedded default: sample data → pretokenize → train → serve → ask."""

@@ -38,10 +38,17 @@ def replica_env(cfg: ServeConfig) -> dict:
     return {"runtime_env": {**inherited, "env_vars": {**inherited.get("env_vars", {}), **SAME_EVENT_LOOP_ENV}}}
 
 
+# layout combined: requests Serve lets into a replica beyond its admission limit, so that every
+# generation request over the limit reaches the app's own OpenAI-format 429 (and /v1/models,
+# /health and metrics scrapes are never held behind generation).
+ADMISSION_HEADROOM = 16
+
+
 def engine_options(cfg: ServeConfig) -> dict:
     """``serve.deployment`` options of the engine: replicas or autoscaling, limits, resources."""
+    limit = cfg.combined_admission_limit() if cfg.layout == "combined" else None
     opts: dict = {
-        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_ongoing_requests": cfg.max_ongoing_requests if limit is None else limit + ADMISSION_HEADROOM,
         "max_queued_requests": cfg.max_queued_requests,
         "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=cfg.retry_after_s),
         "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, **replica_env(cfg)},

@@ -45,6 +45,8 @@ from serve.protocol import (
 )
 
 log = logging.getLogger("raychat.serve")
+GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+QUEUE_FULL = "The server is busy (request queue full); retry later."
 # Engine calls that failed because a replica died before answering are retried this often.
 REPLICA_RETRIES = 2
 _REPLICA_GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
@@ -67,8 +69,11 @@ def _error_response(status: int, body: dict, headers: dict | None = None) -> JSO
 class OpenAIGuard:
     """ASGI middleware: request body size limit (413) and Bearer API keys (401) on every route but ``/health``.
 
-    Settings come from ``app.state`` (set by the router replica): ``max_request_bytes`` and
-    ``api_keys`` (None = auth off). Also counts requests by route and status.
+    Settings come from ``app.state`` (set by the router replica): ``max_request_bytes``,
+    ``api_keys`` (None = auth off) and ``max_generating`` (None = no limit here): generation
+    requests beyond that many at once in this replica get an OpenAI-format 429 with
+    ``Retry-After`` (``layout: combined``, where no router queue stands in front of the engine).
+    Also counts requests by route and status.
     """
 
     class _TooLarge(HTTPException):
@@ -88,6 +93,7 @@ class OpenAIGuard:
         if root and path.startswith(root):  # under a Serve route_prefix
             path = path[len(root):]
         status_seen: list[int] = []
+        generating = False
 
         async def send_counted(message):
             if message["type"] == "http.response.start":
@@ -110,6 +116,14 @@ class OpenAIGuard:
                     what = "No API key provided" if token is None else "Incorrect API key provided"
                     return await reply(401, error_body(f"{what}. Send 'Authorization: Bearer <key>'.",
                                                        code="invalid_api_key"))
+            generating = path in GENERATION_ROUTES and scope.get("method") == "POST"
+            if generating and getattr(state, "max_generating", None) is not None:
+                if state.generating >= state.max_generating:
+                    return await reply(429, error_body(QUEUE_FULL, type_="rate_limit_error", code="queue_full"),
+                                       {"Retry-After": str(state.retry_after_s)})
+                state.generating += 1
+            else:
+                generating = False
             received = 0
 
             async def limited_receive():
@@ -130,9 +144,11 @@ class OpenAIGuard:
             status_seen.append(500)
             raise
         finally:
+            if generating:
+                state.generating -= 1
             metrics = getattr(state, "metrics", None)
             if metrics is not None and path.startswith("/v1"):
-                route = path if path in ("/v1/models", "/v1/chat/completions", "/v1/completions") else "other"
+                route = path if path == "/v1/models" or path in GENERATION_ROUTES else "other"
                 metrics.requests.inc(tags={"route": route, "status": str(status_seen[0] if status_seen else 499)})
 
 
@@ -323,6 +339,9 @@ class OpenAIRouter:
             self.engine = RemoteEngine(engine)
         app.state.api_keys = keys or None
         app.state.max_request_bytes = self.cfg.max_request_bytes
+        # combined: this replica is the engine and admits what split's engine + router queue would hold
+        app.state.max_generating = self.cfg.combined_admission_limit() if engine is None else None
+        app.state.generating, app.state.retry_after_s = 0, self.cfg.retry_after_s
         app.state.metrics = self.metrics = ServeMetrics(self.model_id)
         log.info("router for %s: %d API key(s), auth %s", self.model_id, len(keys), "on" if keys else "OFF")
 
@@ -370,7 +389,7 @@ class OpenAIRouter:
             try:
                 first, stream = await self.engine.open(ereq)
             except BackPressureError:
-                raise APIError(429, "The server is busy (request queue full); retry later.", type_="rate_limit_error",
+                raise APIError(429, QUEUE_FULL, type_="rate_limit_error",
                                code="queue_full", headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
             except _REPLICA_GONE as e:
                 log.warning("engine replica unavailable (attempt %d): %s", attempt + 1, type(e).__name__)

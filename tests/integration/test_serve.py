@@ -272,9 +272,9 @@ def test_full_queue_answers_fast_with_429_retry_after(serve_port, tiny_model_dir
     assert any(status == 200 for status, _, _ in results) and rejected
     assert all(s in (200, 429) for s, _, _ in results)
     for e, dt in rejected:
+        # split: the router's answer; combined: the replica's own admission limit, before Serve's
         assert e.response.headers["retry-after"] == "2" and dt < 2.0
-        if layout == "split":  # the router's answer; with one deployment it is Serve's proxy's (a plain-text body)
-            assert e.body["code"] == "queue_full"
+        assert e.body["code"] == "queue_full" and e.body["type"] == "rate_limit_error"
 
 
 def test_killing_a_replica_mid_load_loses_no_accepted_request(serve_port, tiny_model_dir):

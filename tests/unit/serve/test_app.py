@@ -2,7 +2,7 @@ import pytest
 from pydantic import ValidationError
 
 from libs.config import ServeConfig
-from serve.app import build_app, engine_options
+from serve.app import ADMISSION_HEADROOM, build_app, engine_options
 
 
 def test_engine_autoscales_by_default_with_queue_limit_answering_429():
@@ -41,8 +41,19 @@ def test_the_deployment_holding_the_engine_is_llmengine_with_the_limits_and_auto
     assert set(deployments) == ({"LLMEngine"} if layout == "combined" else {"LLMEngine", "OpenAIRouter"})
     engine = deployments["LLMEngine"]
     dc = engine._deployment_config
-    assert (dc.max_ongoing_requests, dc.max_queued_requests, dc.autoscaling_config.max_replicas) == (40, 7, 3)
+    # combined: Serve passes more than the replica admits (40 + 7), so the app's own 429 answers first
+    ongoing = 40 if layout == "split" else 47 + ADMISSION_HEADROOM
+    assert (dc.max_ongoing_requests, dc.max_queued_requests, dc.autoscaling_config.max_replicas) == (ongoing, 7, 3)
     assert engine.ray_actor_options["num_cpus"] == 2
     # Ray Serve's throughput flags reach every replica (as runtime_env env vars, merged with the app's).
     for d in deployments.values():
         assert d.ray_actor_options["runtime_env"]["env_vars"]["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+
+
+def test_combined_layout_lets_serve_pass_more_than_it_admits_so_the_app_answers_429_itself():
+    split = ServeConfig(checkpoint="/c", max_ongoing_requests=32, max_queued_requests=64)
+    combined = split.model_copy(update={"layout": "combined"})
+    assert split.combined_admission_limit() == 96 and engine_options(split)["max_ongoing_requests"] == 32
+    assert engine_options(combined)["max_ongoing_requests"] > combined.combined_admission_limit() == 96
+    unbounded = combined.model_copy(update={"max_queued_requests": -1})
+    assert unbounded.combined_admission_limit() is None and engine_options(unbounded)["max_ongoing_requests"] == 32
