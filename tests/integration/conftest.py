@@ -1,6 +1,10 @@
 """Integration tests run real local Ray: one shared 2-CPU instance per session."""
 
+import os
+
 import pytest
+
+from tests.conftest import serve_side_ports_env
 
 pytestmark = pytest.mark.integration
 
@@ -13,6 +17,7 @@ def ray_local(s3_server):
     from libs.raycfg import apply_local_ray_env
 
     apply_local_ray_env()  # Serve as raychat clusters run it: HAProxy ingress, throughput-optimized
+    os.environ.update(serve_side_ports_env())
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     from ray import serve

@@ -32,7 +32,7 @@ from libs import storage
 from libs.metrics import get
 from libs.raycfg import local_ray_env
 from tests.cluster.conftest import exported_series
-from tests.conftest import free_port
+from tests.conftest import free_port, serve_side_ports_env
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +56,11 @@ class Head:
 
 def _stop(proc: subprocess.Popen, marks: tuple[str, ...]) -> None:
     """SIGTERM the head's process group and give it 10 s (a graceful raylet takes ~30 s after a
-    job), then SIGKILL the group and any process still naming this head's temp dir or GCS address."""
+    job), then SIGKILL the group, any process still naming this head's temp dir or GCS address, and
+    any process the head had started (Serve's HAProxy runs in a session of its own)."""
+    descendants = []
+    with contextlib.suppress(psutil.NoSuchProcess):
+        descendants = psutil.Process(proc.pid).children(recursive=True)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -64,6 +68,7 @@ def _stop(proc: subprocess.Popen, marks: tuple[str, ...]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if any(m in a for a in (p.info["cmdline"] or []) for m in marks)]
+    leftovers += [p for p in descendants if p.is_running() and p not in leftovers]
     for p in leftovers:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
@@ -85,6 +90,7 @@ def ray_head():
         "RAY_metrics_report_interval_ms": "1000",
     }
     env |= local_ray_env(env)  # what cluster/start-local.sh exports (the RayService pods set the same Serve runtime)
+    env |= serve_side_ports_env()  # HAProxy's fixed ports stay free for the tests' own Ray instance
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
            "--port", str(ports["gcs"]), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(ports["dashboard"]),
            "--metrics-export-port", str(ports["metrics"]), "--ray-client-server-port", str(ports["client"]),
