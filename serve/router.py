@@ -116,14 +116,13 @@ class OpenAIGuard:
                     what = "No API key provided" if token is None else "Incorrect API key provided"
                     return await reply(401, error_body(f"{what}. Send 'Authorization: Bearer <key>'.",
                                                        code="invalid_api_key"))
-            generating = path in GENERATION_ROUTES and scope.get("method") == "POST"
-            if generating and getattr(state, "max_generating", None) is not None:
+            if (path in GENERATION_ROUTES and scope.get("method") == "POST"
+                    and getattr(state, "max_generating", None) is not None):
                 if state.generating >= state.max_generating:
                     return await reply(429, error_body(QUEUE_FULL, type_="rate_limit_error", code="queue_full"),
                                        {"Retry-After": str(state.retry_after_s)})
                 state.generating += 1
-            else:
-                generating = False
+                generating = True  # from here on, `finally` gives the slot back
             received = 0
 
             async def limited_receive():
