@@ -7,7 +7,7 @@ import os
 
 import ray
 
-from libs.raycfg import apply_local_ray_env, ray_address
+from libs.raycfg import address_for_init
 
 log = logging.getLogger("raychat")
 
@@ -20,8 +20,6 @@ def init_ray() -> None:
     """Connects to Ray: the cluster in ``RAY_ADDRESS`` if set (e.g. under `ray job submit`), else a local one."""
     if ray.is_initialized():
         return
-    address = ray_address()
-    if address is None:  # a new local instance: raychat's Serve runtime and small-machine settings
-        apply_local_ray_env()
+    address = address_for_init()
     ray.init(address=address, log_to_driver=True)
     log.info("connected to Ray %s (%s)", ray.__version__, address or "local")

@@ -75,6 +75,15 @@ def apply_local_ray_env(env: MutableMapping[str, str] | None = None) -> dict[str
     return {k: env.setdefault(k, v) for k, v in local_ray_env(env).items()}
 
 
+def address_for_init(env: MutableMapping[str, str] | None = None) -> str | None:
+    """:func:`ray_address`; when that is a new local instance, :func:`apply_local_ray_env` first, so the
+    instance ``ray.init`` starts next runs raychat's Serve runtime and small-machine settings."""
+    address = ray_address(env)
+    if address is None:
+        apply_local_ray_env(env)
+    return address
+
+
 def export_lines(values: dict[str, str]) -> str:
     """Shell lines that export ``values``, each unless already set: ``export K="${K-V}"``."""
     return "".join(f'export {k}="${{{k}-{v}}}"\n' for k, v in values.items())

@@ -13,14 +13,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from libs.raycfg import apply_local_ray_env, ray_address
+    from libs.raycfg import address_for_init
     from serve.app import build_app
 
     cfg = parse_config(ServeConfig, argv, prog="python -m serve")
-    address = ray_address()
-    if address is None:  # a new local instance: HAProxy ingress and Serve's throughput-optimized runtime
-        apply_local_ray_env()
-    ray.init(address=address)
+    ray.init(address=address_for_init())
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg.model_dump()), name="raychat", route_prefix="/", blocking=True)
     return 0

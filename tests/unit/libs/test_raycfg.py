@@ -12,6 +12,7 @@ from libs.raycfg import (
     LOCAL_EXTRA_ENV,
     PROXY_SERVE_RUNTIME_ENV,
     SERVE_RUNTIME_ENV,
+    address_for_init,
     apply_local_ray_env,
     export_lines,
     haproxy_available,
@@ -53,3 +54,10 @@ def test_module_prints_the_cluster_runtime_and_the_chosen_local_one():
 
     assert run() == export_lines(SERVE_RUNTIME_ENV)
     assert run("--local", RAYCHAT_SERVE_INGRESS="proxy") == export_lines({**PROXY_SERVE_RUNTIME_ENV, **LOCAL_EXTRA_ENV})
+
+
+def test_only_a_new_local_instance_gets_the_local_env():
+    cluster = {"RAY_ADDRESS": "10.0.0.1:6379"}
+    assert address_for_init(cluster) == "10.0.0.1:6379" and cluster == {"RAY_ADDRESS": "10.0.0.1:6379"}
+    local: dict = {}
+    assert address_for_init(local) is None and local == local_ray_env({})
