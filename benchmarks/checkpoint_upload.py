@@ -53,7 +53,13 @@ CHUNK = 64 * 1024 * 1024  # Ray Train's copy chunk size
 
 def copy_tree(src: str, dest: str) -> None:
     """Copies ``src`` to ``dest`` (local path or ``s3://``) as Ray Train's checkpoint upload does."""
-    import pyarrow.fs as pafs
+    try:
+        import pyarrow.fs as pafs
+    except ImportError:  # a bare GPU machine: a plain copy (Ray Train always has pyarrow)
+        if "://" in dest:
+            raise
+        shutil.copytree(src, dest)
+        return
 
     from libs.storage import resolve
 
@@ -64,6 +70,9 @@ def copy_tree(src: str, dest: str) -> None:
 
 
 def remove_tree(dest: str) -> None:
+    if "://" not in dest:
+        shutil.rmtree(dest, ignore_errors=True)
+        return
     from libs.storage import resolve
 
     fs, path = resolve(dest)
