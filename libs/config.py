@@ -186,7 +186,8 @@ class ServeConfig(_Config):
     autoscaling_overrides: dict = Field(
         default_factory=dict, description="Any other Ray Serve autoscaling_config keys, e.g. {upscale_delay_s: 5, downscale_delay_s: 300}.")
     max_ongoing_requests: int = Field(default=32, gt=0, description="Requests one engine replica accepts at once (running + waiting for a batch slot).")
-    max_queued_requests: int = Field(default=64, ge=-1, description="Requests queued per router replica when every engine replica is full; beyond it the answer is 429 (-1 = unbounded).")
+    max_queued_requests: int = Field(default=64, ge=-1, description="Requests waiting beyond max_ongoing_requests: combined, each replica admits max_ongoing + this many; split, "
+                    "a router replica queues this many when every engine replica is full. Beyond it the answer is 429 (-1 = unbounded).")
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After (seconds) sent with 429/503 answers.")
     request_timeout_s: float = Field(default=600, gt=0, description="Most time a request may take end to end before it is failed with 504.")
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs per engine replica.")
@@ -194,10 +195,10 @@ class ServeConfig(_Config):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Weights' dtype when serving; auto = bfloat16 on GPU, float32 on CPU.")
     layout: Literal["combined", "split"] = Field(
-        default="split",
-        description="'combined': one deployment (LLMEngine) is both the HTTP ingress and the engine (no handle hop); "
-                    "'split': an OpenAIRouter ingress calls LLMEngine replicas through a handle (retries a dead replica, "
-                    "429/503 in OpenAI format).")
+        default="combined",
+        description="'combined': one deployment (LLMEngine) is both the HTTP ingress and the engine (no handle hop: "
+                    "lowest time to first token); 'split': an OpenAIRouter ingress calls LLMEngine replicas through a "
+                    "handle (retries requests of a dead engine replica itself, ends broken streams with an OpenAI error event).")
     same_event_loop: bool = Field(
         default=True,
         description="Run each replica's request handling on its main event loop (Ray Serve's documented throughput "
@@ -205,7 +206,7 @@ class ServeConfig(_Config):
     router_replicas: int = Field(default=1, gt=0, description="Replicas of the HTTP router (OpenAI ingress; layout split).")
     router_max_ongoing_requests: int = Field(default=1024, gt=0, description="Requests one router replica handles at once (they mostly wait on engines).")
     max_request_bytes: int = Field(default=4 << 20, gt=0, description="Largest request body accepted; bigger ones get 413.")
-    api_keys_env: str | None = Field(default="RAYCHAT_API_KEYS", description="Environment variable with comma-separated API keys (read by each router replica).")
+    api_keys_env: str | None = Field(default="RAYCHAT_API_KEYS", description="Environment variable with comma-separated API keys (read by each ingress replica).")
     api_keys_file: str | None = Field(default=None, description="File with one API key per line (e.g. a mounted Kubernetes secret).")
     allow_no_auth: bool = Field(default=False, description="Serve without API keys (local demo only); otherwise starting with no key configured fails.")
     cache_dir: str = Field(default="/tmp/raychat/models", description="Node-local cache for checkpoints downloaded from s3:// (one download per node, file-locked).")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
+import urllib.request
+
 import pytest
 
 from tests.conftest import free_port
@@ -20,13 +24,40 @@ def serve_port(ray_local):
 
 
 def deploy(port: int, name: str, **cfg) -> str:
-    """Runs one raychat app (``cfg``: ServeConfig fields) under ``/<name>``; returns its OpenAI base URL."""
+    """Runs one raychat app (``cfg``: ServeConfig fields) under ``/<name>``; returns its OpenAI base URL
+    once the HTTP ingress routes to every ingress replica."""
     from ray import serve
 
+    from libs.config import ServeConfig
     from serve.app import build_app
 
     serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
+    c = ServeConfig.model_validate(cfg)
+    wait_for_ingress(name, (c.num_replicas or c.min_replicas) if c.layout == "combined" else c.router_replicas)
     return f"http://127.0.0.1:{port}/{name}/v1"
+
+
+def wait_for_ingress(app: str, replicas: int, timeout_s: float = 30.0) -> None:
+    """Where HAProxy is the ingress: waits until it has ``replicas`` ingress replicas of ``app`` UP.
+
+    ``serve.run`` returns once the replicas run; HAProxy hears of them a moment later, and until then
+    sends the app's requests to Serve's fallback proxy (its own routing and queue limits) or to fewer
+    replicas than the test means to load.
+    """
+    stats = os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT")
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1" or not stats:
+        return
+    deadline = time.monotonic() + timeout_s
+    up: list = []
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{stats}/stats;csv", timeout=5) as r:
+            rows = [line.split(",") for line in r.read().decode().splitlines() if line and not line.startswith("#")]
+        # columns: pxname, svname, ..., status (18th)
+        up = [row[1] for row in rows if row[0] == f"http-{app}" and row[1].startswith("SERVE_REPLICA") and row[17] == "UP"]
+        if len(up) >= replicas:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"HAProxy has {len(up)} of {replicas} ingress replicas of {app!r} up after {timeout_s} s")
 
 
 def local_greedy(model_dir, max_tokens: int = 8) -> str:

@@ -277,38 +277,85 @@ def test_full_queue_answers_fast_with_429_retry_after(serve_port, tiny_model_dir
         assert e.body["code"] == "queue_full" and e.body["type"] == "rate_limit_error"
 
 
-def test_killing_a_replica_mid_load_loses_no_accepted_request(serve_port, tiny_model_dir):
+def _kill_a_replica_mid_load(app: str, c: openai.AsyncOpenAI) -> list[tuple]:
+    """24 completions (every 4th streamed, 160 tokens; the rest 48 tokens) against ``app``; once 4
+    streams have begun, one of its ``LLMEngine`` replicas is killed. Returns one ``(outcome, detail)``
+    per request: ``ok``, ``truncated`` (a stream that ended without a finish_reason), an HTTP status,
+    ``stream-error`` (an error event in the stream) or ``connection`` (the connection broke)."""
     import ray
 
-    # The split layout: its router retries a dead engine replica and reports what it cannot retry.
-    url = deploy(serve_port, "kill", checkpoint=str(tiny_model_dir), model_id="tiny", allow_no_auth=True,
-                 num_replicas=2, num_cpus=0.25, max_batch_size=8, layout="split")
+    started: set[int] = set()
 
-    async def one(c, i):
+    async def one(i):
         try:
             if i % 4 == 0:
-                s = await c.completions.create(model="tiny", prompt=f"story {i}", max_tokens=48, stream=True)
-                return "ok", "".join([ch.choices[0].text async for ch in s])
+                finish = None
+                async for ch in await c.completions.create(model="tiny", prompt=f"story {i}", max_tokens=160, stream=True):
+                    started.add(i)
+                    finish = ch.choices[0].finish_reason or finish
+                return ("ok" if finish else "truncated"), finish
             r = await c.completions.create(model="tiny", prompt=f"story {i}", max_tokens=48)
-            return "ok", r.choices[0].text
+            return "ok", r.choices[0].finish_reason
         except openai.APIStatusError as e:
             return e.status_code, e.body
+        except openai.APIConnectionError as e:
+            return "connection", repr(e.__cause__)
         except openai.APIError as e:  # an error event in the SSE stream
             return "stream-error", e.body
 
     async def main():
-        c = aclient(url, key="unused")
-        tasks = [asyncio.ensure_future(one(c, i)) for i in range(24)]
-        await asyncio.sleep(0.3)
+        tasks = [asyncio.ensure_future(one(i)) for i in range(24)]
+        for _ in range(400):  # at most 20 s
+            if len(started) >= 4 or all(t.done() for t in tasks):
+                break
+            await asyncio.sleep(0.05)
+        assert len(started) >= 4, "the streams never began"
+        await asyncio.sleep(0.2)
         victim = next(a for a in ray.util.list_named_actors(all_namespaces=True)
-                      if "LLMEngine" in a["name"] and "kill" in a["name"])
+                      if "LLMEngine" in a["name"] and app in a["name"])
         ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
         return await asyncio.wait_for(asyncio.gather(*tasks), timeout=90)
 
-    results = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_killing_an_engine_replica_mid_load_loses_no_accepted_request_in_split_layout(serve_port, tiny_model_dir):
+    from ray import serve
+
+    # The router retries a dead engine replica and reports, in OpenAI's format, what it cannot retry.
+    url = deploy(serve_port, "killsplit", checkpoint=str(tiny_model_dir), model_id="tiny", allow_no_auth=True,
+                 num_replicas=2, num_cpus=0.25, max_batch_size=8, layout="split")
+    results = _kill_a_replica_mid_load("killsplit", aclient(url, key="unused"))  # no client retries
     for status, body in results:
         if status == "ok":
             continue
-        # Only clean OpenAI-format failures are allowed, never a 500 or a hang.
-        assert status in (503, "stream-error") and body["code"] == "replica_unavailable"
+        # Only clean OpenAI-format failures are allowed, never a 500, a cut-off stream or a hang.
+        assert status in (503, "stream-error") and body["code"] == "replica_unavailable", (status, body)
     assert sum(s == "ok" for s, _ in results) >= 18
+    serve.delete("killsplit")
+
+
+def test_killing_a_replica_mid_load_in_combined_layout_fails_only_streams_under_way_and_loudly(serve_port, tiny_model_dir):
+    from ray import serve
+
+    # The replica is the ingress: its requests die with it. HAProxy answers those not yet answered
+    # with a 500, which the official client retries (max_retries=2 is its default) on the replica left;
+    # a stream already under way breaks off, which the client raises — it never ends as if complete.
+    url = deploy(serve_port, "killcomb", checkpoint=str(tiny_model_dir), model_id="tiny", allow_no_auth=True,
+                 num_replicas=2, num_cpus=0.25, max_batch_size=8, layout="combined")
+    server_errors = []
+
+    async def note_5xx(response):
+        if response.status_code >= 500:
+            server_errors.append(response.status_code)
+
+    c = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=2, timeout=60,
+                           http_client=openai.DefaultAsyncHttpxClient(event_hooks={"response": [note_5xx]}))
+    results = _kill_a_replica_mid_load("killcomb", c)
+    non_streamed = [r for i, r in enumerate(results) if i % 4]
+    streams = [r for i, r in enumerate(results) if i % 4 == 0]
+    assert all(status == "ok" for status, _ in non_streamed), non_streamed
+    assert all(status in ("ok", "connection") for status, _ in streams), streams
+    # The kill did hit accepted requests: answers the client had to retry, or streams that broke off.
+    assert server_errors or any(status == "connection" for status, _ in streams)
+    serve.delete("killcomb")

@@ -6,11 +6,17 @@ from serve.app import ADMISSION_HEADROOM, build_app, engine_options
 
 
 def test_engine_autoscales_by_default_with_queue_limit_answering_429():
-    opts = engine_options(ServeConfig(checkpoint="/ckpt"))
+    cfg = ServeConfig(checkpoint="/ckpt")
+    assert cfg.layout == "combined"
+    opts = engine_options(cfg)
     auto = opts["autoscaling_config"]
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 4, 12)
-    assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (32, 64)
+    # each replica admits 32 running + 64 waiting and answers the next with 429 itself (Serve lets more in)
+    assert cfg.combined_admission_limit() == 96 and opts["max_ongoing_requests"] == 96 + ADMISSION_HEADROOM
+    assert opts["max_queued_requests"] == 64
     assert opts["backpressure_config"].status_code == 429 and "num_replicas" not in opts
+    split = engine_options(cfg.model_copy(update={"layout": "split"}))
+    assert (split["max_ongoing_requests"], split["max_queued_requests"]) == (32, 64)
 
 
 def test_fixed_replicas_resources_and_autoscaling_overrides_come_from_the_config():
@@ -51,7 +57,7 @@ def test_the_deployment_holding_the_engine_is_llmengine_with_the_limits_and_auto
 
 
 def test_combined_layout_lets_serve_pass_more_than_it_admits_so_the_app_answers_429_itself():
-    split = ServeConfig(checkpoint="/c", max_ongoing_requests=32, max_queued_requests=64)
+    split = ServeConfig(checkpoint="/c", max_ongoing_requests=32, max_queued_requests=64, layout="split")
     combined = split.model_copy(update={"layout": "combined"})
     assert split.combined_admission_limit() == 96 and engine_options(split)["max_ongoing_requests"] == 32
     assert engine_options(combined)["max_ongoing_requests"] > combined.combined_admission_limit() == 96
