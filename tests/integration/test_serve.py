@@ -277,6 +277,41 @@ def test_full_queue_answers_fast_with_429_retry_after(serve_port, tiny_model_dir
         assert e.body["code"] == "queue_full" and e.body["type"] == "rate_limit_error"
 
 
+def test_default_layout_autoscales_up_under_load(serve_port, tiny_model_dir):
+    from ray import serve
+
+    # Replicas of the default (combined) layout take HTTP straight from HAProxy, so no handle sees
+    # the load: Serve's autoscaler must get it from the replicas' own reports.
+    url = deploy(serve_port, "auto", checkpoint=str(tiny_model_dir), model_id="tiny", allow_no_auth=True,
+                 min_replicas=1, max_replicas=2, target_ongoing_requests=2, num_cpus=0.25, max_batch_size=8,
+                 autoscaling_overrides={"upscale_delay_s": 1, "downscale_delay_s": 600})
+
+    def replicas() -> int:
+        states = serve.status().applications["auto"].deployments["LLMEngine"].replica_states
+        return sum(n for state, n in states.items() if state in ("RUNNING", "STARTING"))
+
+    async def main():
+        c = aclient(url, key="unused")
+        tasks = [asyncio.ensure_future(c.completions.create(model="tiny", prompt=f"story {i}", max_tokens=400))
+                 for i in range(32)]
+        try:
+            for _ in range(80):  # at most 40 s: Serve's replicas report every 10 s
+                if replicas() >= 2 or all(t.done() for t in tasks):
+                    break
+                await asyncio.sleep(0.5)
+            return replicas(), [t.result() for t in tasks if t.done()]
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    assert replicas() == 1
+    n, finished = asyncio.run(main())
+    assert n == 2, "16 times the target of ongoing requests did not add a replica"
+    assert all(r.choices[0].finish_reason == "length" for r in finished)
+    serve.delete("auto")
+
+
 def _kill_a_replica_mid_load(app: str, c: openai.AsyncOpenAI) -> list[tuple]:
     """24 completions (every 4th streamed, 160 tokens; the rest 48 tokens) against ``app``; once 4
     streams have begun, one of its ``LLMEngine`` replicas is killed. Returns one ``(outcome, detail)``
