@@ -189,7 +189,8 @@ class ServeConfig(_Config):
     max_queued_requests: int = Field(default=64, ge=-1, description="Requests waiting beyond max_ongoing_requests: combined, each replica admits max_ongoing + this many; split, "
                     "a router replica queues this many when every engine replica is full. Beyond it the answer is 429 (-1 = unbounded).")
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After (seconds) sent with 429/503 answers.")
-    request_timeout_s: float = Field(default=600, gt=0, description="Most time a request may take end to end before it is failed with 504.")
+    request_timeout_s: float = Field(default=600, gt=0, description="Most time a request may take end to end (queue, prefill, every token); then it is cancelled and "
+                    "answered with 504 (code timeout), or a stream ends with that error event.")
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs per engine replica.")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per engine replica (> 0: the model runs on CUDA).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

@@ -402,12 +402,24 @@ class OpenAIRouter:
             return first, stream
         raise AssertionError("unreachable")
 
+    def _timed_out(self) -> APIError:
+        # The client would retry a 5xx (the official one twice): the same request would time out again.
+        return APIError(504, f"The request did not finish within request_timeout_s ({self.cfg.request_timeout_s:g} s); "
+                             "ask for fewer tokens or retry later.", type_="server_error", code="timeout",
+                        headers={"x-should-retry": "false"})
+
     async def _respond(self, req, ereqs: list[EngineRequest], chat: bool):
         n = req.n
+        # One deadline for the whole request: waiting for a batch slot, prefill and every token.
+        deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout_s
+        try:
+            async with asyncio.timeout_at(deadline):  # cancelling the engine calls frees their batch slots
+                opened = await _gather_or_cancel([self._call(e) for e in ereqs])
+        except TimeoutError:
+            raise self._timed_out() from None
         if req.stream:
-            opened = await _gather_or_cancel([self._call(e) for e in ereqs])
-            return StreamingResponse(self._sse(req, opened, chat), media_type="text/event-stream")
-        results = [r for r, _ in await _gather_or_cancel([self._call(e) for e in ereqs])]
+            return StreamingResponse(self._sse(req, opened, chat, deadline), media_type="text/event-stream")
+        results = [r for r, _ in opened]
         # Prompt tokens count once per prompt (its n choices share it), completion tokens per choice.
         usage = Usage.of(sum(r.prompt_tokens for r in results[::n]), sum(r.completion_tokens for r in results))
         if chat:
@@ -418,7 +430,7 @@ class OpenAIRouter:
         return Completion(model=self.model_id, choices=choices, usage=usage)
 
     async def _sse(self, req, opened: list[tuple[EngineChunk, AsyncIterator[EngineChunk] | None]],
-                   chat: bool) -> AsyncIterator[str]:
+                   chat: bool, deadline: float) -> AsyncIterator[str]:
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created, n = int(time.time()), req.n
         # Chunks are built as dicts (the shape of ChatCompletionChunk / Completion dumps): a pydantic
@@ -440,7 +452,19 @@ class OpenAIRouter:
         try:
             if chat:
                 yield "".join(event(i, None, None, first=True) for i in range(len(opened)))
-            async for items in _merged(opened):
+            merged = _merged(opened)
+            while True:
+                # The deadline covers each wait for the engine, never a `yield` (a timeout there would
+                # cancel whoever is consuming this stream instead); no task per chunk.
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        items = await merged.__anext__()
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    log.warning("stream hit request_timeout_s (%g s)", self.cfg.request_timeout_s)
+                    yield f"data: {json.dumps(self._timed_out().body)}\n\n"
+                    return
                 out = []
                 for index, item in items:
                     if isinstance(item, Exception):
