@@ -42,6 +42,15 @@ def replica_env(cfg: ServeConfig) -> dict:
 # generation request over the limit reaches the app's own OpenAI-format 429 (and /v1/models,
 # /health and metrics scrapes are never held behind generation).
 ADMISSION_HEADROOM = 16
+# A replica being replaced (a new checkpoint, a downscale) stops taking requests and lets the ones it
+# has finish for this long past request_timeout_s, the most any of them can still run (Serve's
+# default, 20 s, would cut longer generations off at every rollout).
+SHUTDOWN_MARGIN_S = 5.0
+
+
+def shutdown_timeout_s(cfg: ServeConfig) -> float:
+    """``graceful_shutdown_timeout_s`` of the app's deployments: in-flight requests are never cut off."""
+    return cfg.request_timeout_s + SHUTDOWN_MARGIN_S
 
 
 def engine_options(cfg: ServeConfig) -> dict:
@@ -51,6 +60,7 @@ def engine_options(cfg: ServeConfig) -> dict:
         "max_ongoing_requests": cfg.max_ongoing_requests if limit is None else limit + ADMISSION_HEADROOM,
         "max_queued_requests": cfg.max_queued_requests,
         "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=cfg.retry_after_s),
+        "graceful_shutdown_timeout_s": shutdown_timeout_s(cfg),
         "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, **replica_env(cfg)},
     }
     if cfg.num_replicas is not None:
@@ -75,5 +85,6 @@ def build_app(args: dict) -> Application:
     engine = serve.deployment(LLMEngine, name="LLMEngine", **engine_options(cfg)).bind(cfg.model_dump(), ref.to_dict())
     router = serve.deployment(OpenAIRouter, name="OpenAIRouter", num_replicas=cfg.router_replicas,
                               max_ongoing_requests=cfg.router_max_ongoing_requests,
+                              graceful_shutdown_timeout_s=shutdown_timeout_s(cfg),
                               ray_actor_options={"num_cpus": 0, **replica_env(cfg)})
     return router.bind(engine, cfg.model_dump(), ref.to_dict())

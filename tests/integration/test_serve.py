@@ -335,12 +335,12 @@ def test_default_layout_autoscales_up_under_load(serve_port, tiny_model_dir):
     assert replicas() == 1
     n, finished = asyncio.run(main())
     assert n == 2, "16 times the target of ongoing requests did not add a replica"
-    assert all(r.choices[0].finish_reason == "length" for r in finished)
+    assert all(r.choices[0].finish_reason in ("length", "stop") for r in finished)
     serve.delete("auto")
 
 
 def _kill_a_replica_mid_load(app: str, c: openai.AsyncOpenAI) -> list[tuple]:
-    """24 completions (every 4th streamed, 160 tokens; the rest 48 tokens) against ``app``; once 4
+    """24 completions (every 4th streamed, 96 tokens; the rest 48 tokens) against ``app``; once 4
     streams have begun, one of its ``LLMEngine`` replicas is killed. Returns one ``(outcome, detail)``
     per request: ``ok``, ``truncated`` (a stream that ended without a finish_reason), an HTTP status,
     ``stream-error`` (an error event in the stream) or ``connection`` (the connection broke)."""
@@ -352,7 +352,7 @@ def _kill_a_replica_mid_load(app: str, c: openai.AsyncOpenAI) -> list[tuple]:
         try:
             if i % 4 == 0:
                 finish = None
-                async for ch in await c.completions.create(model="tiny", prompt=f"story {i}", max_tokens=160, stream=True):
+                async for ch in await c.completions.create(model="tiny", prompt=f"story {i}", max_tokens=96, stream=True):
                     started.add(i)
                     finish = ch.choices[0].finish_reason or finish
                 return ("ok" if finish else "truncated"), finish

@@ -2,7 +2,7 @@ import pytest
 from pydantic import ValidationError
 
 from libs.config import ServeConfig
-from serve.app import ADMISSION_HEADROOM, build_app, engine_options
+from serve.app import ADMISSION_HEADROOM, SHUTDOWN_MARGIN_S, build_app, engine_options
 
 
 def test_engine_autoscales_by_default_with_queue_limit_answering_429():
@@ -63,3 +63,10 @@ def test_combined_layout_lets_serve_pass_more_than_it_admits_so_the_app_answers_
     assert engine_options(combined)["max_ongoing_requests"] > combined.combined_admission_limit() == 96
     unbounded = combined.model_copy(update={"max_queued_requests": -1})
     assert unbounded.combined_admission_limit() is None and engine_options(unbounded)["max_ongoing_requests"] == 32
+
+
+@pytest.mark.parametrize("layout", ["combined", "split"])
+def test_replaced_replicas_let_requests_run_to_their_timeout_not_servers_20_s(layout, tiny_model_dir):
+    app = build_app({"checkpoint": str(tiny_model_dir), "allow_no_auth": True, "layout": layout, "request_timeout_s": 300})
+    for d in _deployments(app).values():  # the engine and, in split, the router
+        assert d._deployment_config.graceful_shutdown_timeout_s == 300 + SHUTDOWN_MARGIN_S
