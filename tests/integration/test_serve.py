@@ -339,6 +339,52 @@ def test_default_layout_autoscales_up_under_load(serve_port, tiny_model_dir):
     serve.delete("auto")
 
 
+def test_rolling_out_a_new_config_loses_no_request_in_flight_or_arriving(serve_port, tiny_model_dir):
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    # What a new checkpoint in the RayService does: the same app with other args, so every replica is
+    # replaced while requests run and keep coming (default layout: the replicas are the ingress).
+    cfg = dict(checkpoint=str(tiny_model_dir), model_id="tiny", allow_no_auth=True, num_replicas=1, num_cpus=0.25,
+               max_batch_size=8)
+    url = deploy(serve_port, "roll", **cfg)
+
+    def replica_names() -> set:
+        return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if "LLMEngine" in a["name"] and "roll" in a["name"]}
+
+    async def one(c, i, stream: bool, max_tokens: int):
+        if stream:
+            finish = None
+            async for ch in await c.completions.create(model="tiny", prompt=f"s{i}", max_tokens=max_tokens, stream=True):
+                finish = ch.choices[0].finish_reason or finish
+            return finish
+        return (await c.completions.create(model="tiny", prompt=f"s{i}", max_tokens=max_tokens)).choices[0].finish_reason
+
+    async def main():
+        c = aclient(url, key="unused")
+        running = [asyncio.ensure_future(one(c, i, i % 2 == 0, 300)) for i in range(8)]
+        await asyncio.sleep(1.0)
+        rollout = asyncio.get_running_loop().run_in_executor(
+            None, lambda: serve.run(build_app({**cfg, "stream_interval_s": 0.03}), name="roll", route_prefix="/roll"))
+        arriving = []
+        for _ in range(120):  # at most 60 s
+            if rollout.done():
+                break
+            arriving.append(asyncio.ensure_future(one(c, len(arriving), len(arriving) % 2 == 0, 16)))
+            await asyncio.sleep(0.5)
+        await rollout
+        return await asyncio.gather(*running), await asyncio.gather(*arriving)
+
+    before = replica_names()
+    in_flight, arriving = asyncio.run(main())
+    assert replica_names().isdisjoint(before), "the rollout did not replace the replica"
+    assert len(arriving) >= 4 and all(f in ("length", "stop") for f in in_flight + arriving), (in_flight, arriving)
+    serve.delete("roll")
+
+
 def _kill_a_replica_mid_load(app: str, c: openai.AsyncOpenAI) -> list[tuple]:
     """24 completions (every 4th streamed, 96 tokens; the rest 48 tokens) against ``app``; once 4
     streams have begun, one of its ``LLMEngine`` replicas is killed. Returns one ``(outcome, detail)``
