@@ -199,18 +199,26 @@ def main(argv: list[str] | None = None) -> int:
                              "max_queued_requests": -1, **ARMS[arm], **extra}), name=f"bench-{arm}", route_prefix=f"/{arm}")
         urls[arm] = f"http://127.0.0.1:{port}/{arm}/v1"
         asyncio.run(drive(urls[arm], key, "bench", 4, 8, 8, 30))  # warm-up
-    # Sequential and Serve runs alternate, so both see the same background load on a shared machine.
+    # Every Serve run comes right after a sequential run of its own, and is compared with that one:
+    # a shared machine's speed drifts (here the sequential figure moved by 2x within one session),
+    # so a ratio of two figures taken minutes apart would measure the drift as much as the endpoint.
     seq_runs, serve_runs = [], {(arm, c, st): [] for arm in arms for c in levels for st in modes}
+    ratios = {k: [] for k in serve_runs}
+    ttft_overheads = {k: [] for k in serve_runs}
     for rep in range(args.repeats):
-        seq_runs.append(seq.run(args.requests or 16, args.max_tokens))
-        print(f"[{rep + 1}/{args.repeats}] sequential in-process: {seq_runs[-1]['tok_s']:.0f} tok/s", flush=True)
         for arm, c, st in serve_runs:
+            base = seq.run(args.requests or 16, args.max_tokens)
+            seq_runs.append(base)
             n = args.requests or max(16, 4 * c)
             serve_runs[arm, c, st].append(asyncio.run(drive(urls[arm], key, "bench", c, n, args.max_tokens, args.time_cap, st)))
             r = serve_runs[arm, c, st][-1]
-            print(f"[{rep + 1}/{args.repeats}] {arm} concurrency {c:>3} {'stream' if st else 'whole '}: {r['tok_s']:.0f} tok/s, "
-                  f"p50 TTFT {percentile(r['ttft'], 50) * 1e3 if r['ttft'] else float('nan'):.1f} ms, errors {r['errors']}",
-                  flush=True)
+            ratios[arm, c, st].append(r["tok_s"] / base["tok_s"])
+            if r["ttft"]:
+                ttft_overheads[arm, c, st].append((percentile(r["ttft"], 50) - percentile(base["ttft"], 50)) * 1e3)
+            print(f"[{rep + 1}/{args.repeats}] {arm} concurrency {c:>3} {'stream' if st else 'whole '}: {r['tok_s']:.0f} tok/s "
+                  f"vs sequential just before {base['tok_s']:.0f} ({ratios[arm, c, st][-1]:.1f}x), "
+                  f"p50 TTFT {percentile(r['ttft'], 50) * 1e3 if r['ttft'] else float('nan'):.1f} ms "
+                  f"(sequential {percentile(base['ttft'], 50) * 1e3:.1f}), errors {r['errors']}", flush=True)
     serve.shutdown()
     ray.shutdown()
     seq = summarise(seq_runs)
@@ -219,21 +227,25 @@ def main(argv: list[str] | None = None) -> int:
     def ms(x):
         return "–" if x is None else f"{x:.1f}"
 
+    print(f"\nMedians of {args.repeats} repeats; 'vs sequential' is the median of each run's ratio to the sequential run "
+          "just before it (the sequential row: all those runs).")
     print("\n| path | generated tok/s | vs sequential | p50 / p99 latency (ms) | p50 / p99 TTFT (ms) |")
     print("|---|---:|---:|---:|---:|")
     print(f"| sequential in-process | {seq['tok_s']:.0f} | 1.0× | {seq['p50_latency_ms']:.0f} / {seq['p99_latency_ms']:.0f} | "
           f"{ms(seq['p50_ttft_ms'])} / {ms(seq['p99_ttft_ms'])} |")
     for (arm, c, st), r in results.items():
         print(f"| {arm}, concurrency {c}, {'streamed' if st else 'non-streamed'} | {r['tok_s']:.0f} | "
-              f"{r['tok_s'] / seq['tok_s']:.1f}× | {r['p50_latency_ms']:.0f} / {r['p99_latency_ms']:.0f} | "
+              f"{statistics.median(ratios[arm, c, st]):.1f}× | {r['p50_latency_ms']:.0f} / {r['p99_latency_ms']:.0f} | "
               f"{ms(r['p50_ttft_ms'])} / {ms(r['p99_ttft_ms'])} |")
     for arm in arms:
         if (arm, 1, True) in results:
-            print(f"TTFT overhead of the Serve path at concurrency 1 (p50), {arm}: "
-                  f"{results[arm, 1, True]['p50_ttft_ms'] - seq['p50_ttft_ms']:.1f} ms")
+            print(f"TTFT overhead of the Serve path at concurrency 1 (p50 minus the sequential run's p50 just "
+                  f"before, median), {arm}: {statistics.median(ttft_overheads[arm, 1, True]):.1f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps({"sequential": seq, "serve": {
-            f"{arm}-{c}-{'stream' if st else 'whole'}": r for (arm, c, st), r in results.items()}}, indent=2))
+            f"{arm}-{c}-{'stream' if st else 'whole'}": {**r, "ratios": ratios[arm, c, st],
+                                                          "ttft_overheads_ms": ttft_overheads[arm, c, st]}
+            for (arm, c, st), r in results.items()}}, indent=2))
     return 0
 
 
