@@ -48,7 +48,9 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     text: CompletionText
+    stream: bool = True
     started: float = field(default_factory=time.perf_counter)
+    held: list[str] = field(default_factory=list)  # non-streamed: text kept in the loop thread until the end
 
 
 class LLMEngine:
@@ -134,6 +136,15 @@ class LLMEngine:
             delta = st.text.push(tok)
             if delta.finish_reason and tok.finish_reason is None:
                 self.batcher.abort(rid)  # a stop string matched: leave the batch now
+            if not st.stream:
+                # Nobody reads a non-streamed request's text before its end: keep it here rather than
+                # wake its coroutine on every token (that took the GIL from this loop at each step).
+                if not st.held and delta.completion_tokens:
+                    self.metrics.time_to_first_token_seconds.observe(time.perf_counter() - st.started)
+                st.held.append(delta.text)
+                if delta.finish_reason is None:
+                    continue
+                delta = TextDelta("".join(st.held), delta.finish_reason, delta.completion_tokens)
             out.append((st, delta))
         self._hand_over(out)
 
@@ -196,7 +207,7 @@ class LLMEngine:
                                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                                 stop=tuple(req.stop))
         rid = uuid.uuid4().hex
-        st = _Stream(asyncio.get_running_loop(), asyncio.Queue(), CompletionText(self.tokenizer, req.stop))
+        st = _Stream(asyncio.get_running_loop(), asyncio.Queue(), CompletionText(self.tokenizer, req.stop), req.stream)
         self._streams[rid] = st
         self.batcher.submit(rid, prompt, params)
         self._wake.set()
@@ -211,7 +222,7 @@ class LLMEngine:
                     if isinstance(it, Exception):
                         raise RuntimeError(f"generation failed: {it}") from it
                 last = items[-1]
-                if produced == 0 and last.completion_tokens > 0:
+                if req.stream and produced == 0 and last.completion_tokens > 0:  # non-streamed: in the loop thread
                     self.metrics.time_to_first_token_seconds.observe(time.perf_counter() - st.started)
                 produced = last.completion_tokens
                 finished = last.finish_reason is not None
