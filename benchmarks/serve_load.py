@@ -57,6 +57,22 @@ class Sequential:
         self.b = ContinuousBatcher(model, stop_ids=[self.ct.eot_id, tok.eos_token_id], pad_id=tok.pad_token_id or 0,
                                    max_context=int(model.config.max_position_embeddings), max_batch_size=1)
 
+    def run_batched(self, n: int, max_tokens: int, batch: int) -> dict:
+        """``n`` requests submitted at once, ``batch`` in the running batch: the engine's own batching
+        gain, with no Ray, HTTP or text handling — the ceiling of what the endpoint can reach."""
+        from libs.generation import SamplingParams
+
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0)
+        self.b.max_batch_size = batch
+        tokens, t0 = 0, time.perf_counter()
+        for i in range(n):
+            self.b.submit(i, self.ct.encode_prompt([("user", QUESTIONS[i % len(QUESTIONS)])]), sp)
+        while self.b.has_work():
+            tokens += sum(s.token_id is not None for _, s in self.b.step())
+        wall = time.perf_counter() - t0
+        self.b.max_batch_size = 1
+        return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall}
+
     def run(self, n: int, max_tokens: int) -> dict:
         from libs.generation import SamplingParams
 
@@ -205,7 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     seq_runs, serve_runs = [], {(arm, c, st): [] for arm in arms for c in levels for st in modes}
     ratios = {k: [] for k in serve_runs}
     ttft_overheads = {k: [] for k in serve_runs}
+    ceiling = {c: [] for c in levels if c > 1}
     for rep in range(args.repeats):
+        for c in ceiling:
+            base = seq.run(args.requests or 16, args.max_tokens)
+            ceiling[c].append(seq.run_batched(args.requests or max(16, 4 * c), args.max_tokens, min(c, args.max_batch_size))["tok_s"]
+                              / base["tok_s"])
+            print(f"[{rep + 1}/{args.repeats}] in-process batch of {c}: {ceiling[c][-1]:.1f}x sequential", flush=True)
         for arm, c, st in serve_runs:
             base = seq.run(args.requests or 16, args.max_tokens)
             seq_runs.append(base)
@@ -233,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|")
     print(f"| sequential in-process | {seq['tok_s']:.0f} | 1.0× | {seq['p50_latency_ms']:.0f} / {seq['p99_latency_ms']:.0f} | "
           f"{ms(seq['p50_ttft_ms'])} / {ms(seq['p99_ttft_ms'])} |")
+    for c, xs in ceiling.items():
+        print(f"| in-process, batch of {min(c, args.max_batch_size)} (ceiling for concurrency {c}) | – | {statistics.median(xs):.1f}× | – | – |")
     for (arm, c, st), r in results.items():
         print(f"| {arm}, concurrency {c}, {'streamed' if st else 'non-streamed'} | {r['tok_s']:.0f} | "
               f"{statistics.median(ratios[arm, c, st]):.1f}× | {r['p50_latency_ms']:.0f} / {r['p99_latency_ms']:.0f} | "
