@@ -292,10 +292,16 @@ class RemoteEngine:
         self.handle = handle
 
     async def open(self, ereq: EngineRequest) -> "tuple[EngineChunk, AsyncIterator[EngineChunk] | None]":
-        if ereq.stream:
-            stream = self.handle.options(stream=True).generate.remote(ereq)
-            return await stream.__anext__(), stream
-        return await self.handle.complete.remote(ereq), None
+        # Cancelling the task that awaits a handle call does not cancel the call itself: without an
+        # explicit cancel, a timed-out or abandoned request would keep its engine batch slot to the end.
+        call = (self.handle.options(stream=True).generate if ereq.stream else self.handle.complete).remote(ereq)
+        try:
+            if ereq.stream:
+                return await call.__anext__(), call
+            return await call, None
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
 
 
 class LocalEngine:
