@@ -69,6 +69,31 @@ def apply_penalties(logits: torch.Tensor, counts: dict[int, int], presence: floa
     return logits
 
 
+def greedy_tokens(logits: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """``logits.argmax(-1)`` for a 2-D ``[rows, vocab]`` tensor, exact (first maximum wins), faster on CPU.
+
+    torch's CPU argmax over the last dimension is a scalar loop (about 0.4 ms for 16 rows of a
+    32k vocabulary, a tenth of a tiny model's decode step), while ``amax`` is vectorised. So: the
+    maximum of each ``block``-wide slice, the first slice holding the row's maximum, then argmax
+    within that slice only. A slice before the first maximum cannot hold a value equal to it, so
+    ties resolve to the first index as in ``argmax``. Few rows or a short vocabulary: plain argmax.
+    """
+    rows, vocab = logits.shape
+    blocks = vocab // block
+    if logits.device.type != "cpu" or rows < 4 or blocks < 2:
+        return logits.argmax(dim=-1)
+    cut = blocks * block
+    sliced = logits[:, :cut].reshape(rows, blocks, block)
+    block_max = sliced.amax(dim=-1)
+    first = block_max.argmax(dim=-1)
+    r = torch.arange(rows, device=logits.device)
+    best = first * block + sliced[r, first].argmax(dim=-1)
+    if cut < vocab:  # the tail after the last whole slice wins only when strictly greater
+        tail_max, tail_idx = logits[:, cut:].max(dim=-1)
+        best = torch.where(tail_max > block_max[r, first], cut + tail_idx, best)
+    return best
+
+
 def sample_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
     """Greedy (temperature 0) or temperature + nucleus sampling of one token from 1-D logits."""
     if params.temperature <= 0:
@@ -246,7 +271,7 @@ class ContinuousBatcher:
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> tuple[list[tuple[Hashable, StepToken]], list[int]]:
         """Samples one token per row; returns the outputs and the indices of rows that go on."""
         out, keep = [], []
-        greedy = logits.argmax(dim=-1).tolist()  # one op for every greedy row without penalties
+        greedy = greedy_tokens(logits).tolist()  # one op for every greedy row without penalties
         for i, r in enumerate(rows):
             if r.budget <= 0:
                 out.append((r.rid, StepToken(None, "length")))

@@ -7,6 +7,7 @@ from libs.generation import (
     SamplingParams,
     StepToken,
     StopStringMatcher,
+    greedy_tokens,
 )
 from libs.model import load_causal_lm
 
@@ -44,6 +45,23 @@ def drain(b, outs, finish):
                 outs.setdefault(rid, []).append(s.token_id)
             if s.finish_reason:
                 finish[rid] = s.finish_reason
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 32002), (4, 32002), (16, 32002), (16, 32000), (5, 300), (8, 129), (8, 100)])
+def test_greedy_tokens_is_argmax_with_first_index_on_ties(rows, vocab):
+    import torch
+
+    g = torch.Generator().manual_seed(rows * vocab)
+    logits = torch.randn(rows, vocab, generator=g)
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
+    # Ties: the maximum in two slices, twice in one slice, in the tail and before it, all positions.
+    tied = torch.zeros(rows, vocab)
+    for r in range(rows):
+        picks = torch.randint(0, vocab, (3,), generator=g)
+        tied[r, picks] = 5.0
+        tied[r, -1] = 5.0 if r % 2 else 6.0  # odd rows: a tie in the tail (must lose); even rows: tail wins
+    assert torch.equal(greedy_tokens(tied), tied.argmax(-1))
+    assert torch.equal(greedy_tokens(tied, block=7), tied.argmax(-1))
 
 
 PROMPTS = [[1, 420, 6316, 28781], [1, 22557, 28747, 5, 6, 7, 8, 9, 10], [1, 99]]
