@@ -209,13 +209,17 @@ def choice_requests(bases: list[EngineRequest], n: int) -> list[EngineRequest]:
 
 
 async def _gather_or_cancel(coros: list) -> list:
-    """All results, or the first error with the other calls cancelled (their batch slots freed)."""
+    """All ``(first chunk, stream)`` results, or the first error with the other calls cancelled and
+    the streams that had already opened closed (n > 1: every choice's batch slot is freed)."""
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:
         for t in tasks:
             t.cancel()
+        for t in tasks:
+            if t.done() and not t.cancelled() and t.exception() is None:
+                await _close(t.result()[1], finished=False)
         raise
 
 
