@@ -108,6 +108,14 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Genera
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+def check_prompt(prompt: Sequence[int], max_context: int) -> None:
+    """Raises ValueError for an empty prompt or one that leaves no room for a token in the context."""
+    if len(prompt) >= max_context:
+        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in a {max_context}-token context")
+    if not prompt:
+        raise ValueError("empty prompt")
+
+
 @dataclass
 class _Row:
     rid: Hashable
@@ -168,10 +176,7 @@ class ContinuousBatcher:
         Raises:
             ValueError: when the prompt alone fills the context window.
         """
-        if len(prompt) >= self.max_context:
-            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in a {self.max_context}-token context")
-        if not prompt:
-            raise ValueError("empty prompt")
+        check_prompt(prompt, self.max_context)
         with self._lock:
             self._waiting.append((rid, list(prompt), params))
 
