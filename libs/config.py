@@ -204,6 +204,11 @@ class ServeConfig(_Config):
         default=True,
         description="Run each replica's request handling on its main event loop (Ray Serve's documented throughput "
                     "flags RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0, RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0).")
+    engine_process: bool = Field(
+        default=True,
+        description="Run the model and its batching loop in a child process of each engine replica, with a GIL of its "
+                    "own (the replica keeps HTTP, tokenization and text): request handling no longer delays decode "
+                    "steps; costs one more process (and its own CPU) per replica.")
     router_replicas: int = Field(default=1, gt=0, description="Replicas of the HTTP router (OpenAI ingress; layout split).")
     router_max_ongoing_requests: int = Field(default=1024, gt=0, description="Requests one router replica handles at once (they mostly wait on engines).")
     max_request_bytes: int = Field(default=4 << 20, gt=0, description="Largest request body accepted; bigger ones get 413.")

@@ -1,11 +1,14 @@
 """The model replica: loads the checkpoint and runs continuous batching for its requests.
 
-One loop thread owns the model and calls :meth:`libs.generation.ContinuousBatcher.step` while
-there is work: requests join the running batch between decode steps and leave when finished
-(or when a stop string matched, or their caller went away). Each request's tokens are turned
-into text in that thread and handed to the request's asyncio queue; :meth:`LLMEngine.generate`
-streams them (merging whatever arrived since the last chunk), or sends one chunk at the end
-for non-streaming requests.
+A loop thread calls :meth:`libs.generation.ContinuousBatcher.step` while there is work: requests
+join the running batch between decode steps and leave when finished (or when a stop string
+matched, or their caller went away). With ``engine_process`` (the default) the model and its
+batcher live in a child process (:class:`libs.engine_process.ProcessBatcher`) and the loop thread
+only receives each step's tokens, so the replica's request handling does not hold the GIL the
+decode step needs; otherwise the batcher runs in the loop thread itself. Each request's tokens
+are turned into text in the loop thread and handed to the request's asyncio queue;
+:meth:`LLMEngine.generate` streams them (merging whatever arrived since the last chunk), or
+sends one chunk at the end for non-streaming requests.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import AsyncGenerator
 
 from libs.checkpoints import CheckpointRef, fetch_checkpoint
 from libs.config import ServeConfig
+from libs.engine_process import BatcherSpec, EngineProcessDied, ProcessBatcher
 from libs.generation import CompletionText, ContinuousBatcher, SamplingParams, TextDelta
 from libs.model import load_causal_lm
 from libs.templates import get_template
@@ -62,19 +66,35 @@ class LLMEngine:
         self.cfg = ServeConfig.model_validate(cfg)
         self.ref = CheckpointRef(**checkpoint)
         local = fetch_checkpoint(self.ref.uri, self.cfg.cache_dir)
-        model, self.tokenizer = load_causal_lm(local, dtype=self._dtype())
-        if self.cfg.num_gpus > 0:
-            model.to("cuda")
+        device = "cuda" if self.cfg.num_gpus > 0 else "cpu"
+        if self.cfg.engine_process:  # the child process loads the weights; this one needs the tokenizer only
+            from transformers import AutoConfig, AutoTokenizer
+
+            model, model_config = None, AutoConfig.from_pretrained(str(local))
+            self.tokenizer = AutoTokenizer.from_pretrained(str(local))
+        else:
+            model, self.tokenizer = load_causal_lm(local, dtype=self._dtype())
+            model.to(device)
+            model_config = model.config
         self.template = get_template(self.cfg.template)
         self.condition = self.cfg.default_condition
-        self.max_context = self.cfg.max_context or int(getattr(model.config, "max_position_embeddings", 2048))
+        self.max_context = self.cfg.max_context or int(getattr(model_config, "max_position_embeddings", 2048))
         self.ct = ConversationTokenizer(self.tokenizer, self.template, self.max_context)
-        self.vocab_size = int(model.config.vocab_size)
+        self.vocab_size = int(model_config.vocab_size)
         stops = [self.ct.eot_id] + ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.batcher = ContinuousBatcher(model, stop_ids=stops, pad_id=pad, max_context=self.max_context,
-                                         max_batch_size=self.cfg.max_batch_size,
-                                         max_prefill_tokens=self.cfg.max_prefill_tokens)
+        if self.cfg.engine_process:
+            import torch
+
+            self.batcher = ProcessBatcher(BatcherSpec(
+                model_dir=str(local), dtype=str(self._dtype()).removeprefix("torch."), device=device,
+                stop_ids=tuple(stops), pad_id=pad, max_context=self.max_context, max_batch_size=self.cfg.max_batch_size,
+                max_prefill_tokens=self.cfg.max_prefill_tokens, torch_threads=torch.get_num_threads()))
+        else:
+            self.batcher = ContinuousBatcher(model, stop_ids=stops, pad_id=pad, max_context=self.max_context,
+                                             max_batch_size=self.cfg.max_batch_size,
+                                             max_prefill_tokens=self.cfg.max_prefill_tokens)
+        self._dead: str | None = None  # why the engine process is gone (engine_process only)
         self.metrics = ServeMetrics(self.cfg.model_id or "")
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
@@ -108,6 +128,12 @@ class LLMEngine:
                 self._record_step(events, None if last_step is None else now - last_step)
                 last_step = now if self.batcher.num_running else None
                 self._publish(events)
+            except EngineProcessDied as e:  # nothing more will come: fail what is in flight, fail health checks
+                log.error("%s", e)
+                self._dead = str(e)
+                for rid in list(self._streams):
+                    self._deliver(rid, e)
+                return
             except Exception as e:  # a bug or OOM: fail the requests in flight, keep serving
                 log.exception("decode step failed")
                 last_step = None
@@ -131,7 +157,7 @@ class LLMEngine:
         out = []
         for rid, tok in events:
             st = self._streams.get(rid)
-            if st is None:
+            if st is None or st.text.finished:  # engine_process: steps the child ran before an abort reached it
                 continue
             delta = st.text.push(tok)
             if delta.finish_reason and tok.finish_reason is None:
@@ -163,8 +189,15 @@ class LLMEngine:
         for loop, batch in by_loop.items():
             loop.call_soon_threadsafe(_put_all, batch)
 
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose engine process died is replaced."""
+        if self._dead is not None:
+            raise RuntimeError(self._dead)
+
     def __del__(self):
         self._stop.set()
+        if isinstance(getattr(self, "batcher", None), ProcessBatcher):
+            self.batcher.close()
 
     # -- requests ----------------------------------------------------------------------------------
     def encode(self, req: EngineRequest) -> list[int]:

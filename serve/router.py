@@ -354,6 +354,11 @@ class OpenAIRouter:
         app.state.metrics = self.metrics = ServeMetrics(self.model_id)
         log.info("router for %s: %d API key(s), auth %s", self.model_id, len(keys), "on" if keys else "OFF")
 
+    def check_health(self) -> None:
+        """Serve's health check: combined, a replica whose engine process died is replaced."""
+        if isinstance(self.engine, LocalEngine):
+            self.engine.engine.check_health()
+
     def _card(self) -> ModelCard:
         return ModelCard(id=self.model_id, root=self.checkpoint["uri"], checkpoint=self.checkpoint)
 

@@ -206,14 +206,17 @@ def test_bad_json_oversized_body_and_unknown_route_answer_in_openai_format(api):
     assert status == 404 and body["error"]["code"] == "not_found"
 
 
-def test_other_layout_serves_the_same_text_whole_and_streamed(api, serve_port, tiny_model_dir):
+def test_other_layout_and_engine_mode_serve_the_same_text_whole_and_streamed(api, serve_port, tiny_model_dir):
     from ray import serve
 
     from libs.config import ServeConfig
 
+    # The default layout and engine mode serve `api`; this app has the other layout and the other
+    # engine mode (the batching loop as a thread of the replica, or in a child process).
     other = "split" if ServeConfig.model_fields["layout"].default == "combined" else "combined"
+    process = not ServeConfig.model_fields["engine_process"].default
     url = deploy(serve_port, "other", checkpoint=str(tiny_model_dir), model_id="tiny", allow_no_auth=True,
-                 num_replicas=1, num_cpus=0.25, max_batch_size=8, layout=other)
+                 num_replicas=1, num_cpus=0.25, max_batch_size=8, layout=other, engine_process=process)
     kwargs = dict(model="tiny", messages=MSG, max_tokens=12, temperature=0)
     reference = client(api).chat.completions.create(**kwargs)
     c = client(url, key="unused")
@@ -390,6 +393,13 @@ def test_rolling_out_a_new_config_loses_no_request_in_flight_or_arriving(serve_p
     serve.delete("roll")
 
 
+def _engine_processes() -> set[int]:
+    """PIDs of the engine child processes (``engine_process``) running on this machine."""
+    import psutil
+
+    return {p.pid for p in psutil.process_iter(["cmdline"]) if "libs.engine_process" in (p.info["cmdline"] or [])}
+
+
 def _kill_a_replica_mid_load(app: str, c: openai.AsyncOpenAI) -> list[tuple]:
     """24 completions (every 4th streamed, 96 tokens; the rest 48 tokens) against ``app``; once 4
     streams have begun, one of its ``LLMEngine`` replicas is killed. Returns one ``(outcome, detail)``
@@ -454,8 +464,10 @@ def test_killing_a_replica_mid_load_in_combined_layout_fails_only_streams_under_
     # The replica is the ingress: its requests die with it. HAProxy answers those not yet answered
     # with a 500, which the official client retries (max_retries=2 is its default) on the replica left;
     # a stream already under way breaks off, which the client raises — it never ends as if complete.
+    engines_before = _engine_processes()
     url = deploy(serve_port, "killcomb", checkpoint=str(tiny_model_dir), model_id="tiny", allow_no_auth=True,
-                 num_replicas=2, num_cpus=0.25, max_batch_size=8, layout="combined")
+                 num_replicas=2, num_cpus=0.25, max_batch_size=8, layout="combined", engine_process=True)
+    assert len(_engine_processes()) == len(engines_before) + 2  # one child process per replica
     server_errors = []
 
     async def note_5xx(response):
@@ -472,3 +484,9 @@ def test_killing_a_replica_mid_load_in_combined_layout_fails_only_streams_under_
     # The kill did hit accepted requests: answers the client had to retry, or streams that broke off.
     assert server_errors or any(status == "connection" for status, _ in streams)
     serve.delete("killcomb")
+    # The killed replica's engine process is gone too (it exits when its command pipe closes; Ray also
+    # reaps a dead worker's children), and the others went with their replicas.
+    deadline = time.monotonic() + 30
+    while _engine_processes() != engines_before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _engine_processes() == engines_before
