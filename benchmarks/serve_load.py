@@ -160,8 +160,8 @@ ARMS = {
     "split": {"layout": "split"},
     "combined-threads": {"layout": "combined", "same_event_loop": False},
     "split-threads": {"layout": "split", "same_event_loop": False},
-    "combined-process": {"layout": "combined", "engine_process": True},
-    "split-process": {"layout": "split", "engine_process": True},
+    "combined-thread": {"layout": "combined", "engine_process": False},
+    "split-thread": {"layout": "split", "engine_process": False},
 }
 
 
