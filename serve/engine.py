@@ -252,6 +252,8 @@ class LLMEngine:
                 while not st.queue.empty():
                     items.append(st.queue.get_nowait())
                 for it in items:
+                    if isinstance(it, EngineProcessDied):
+                        raise it
                     if isinstance(it, Exception):
                         raise RuntimeError(f"generation failed: {it}") from it
                 last = items[-1]

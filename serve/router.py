@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from libs.auth import NoApiKeysError, bearer_token, key_matches, load_api_keys
 from libs.config import ServeConfig
+from libs.engine_process import EngineProcessDied
 from serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -49,7 +50,9 @@ GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
 QUEUE_FULL = "The server is busy (request queue full); retry later."
 # Engine calls that failed because a replica died before answering are retried this often.
 REPLICA_RETRIES = 2
-_REPLICA_GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+# EngineProcessDied: the replica is up but its engine process is gone (its health check fails, so
+# Serve replaces it); in `split` another replica may take the request.
+_REPLICA_GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, EngineProcessDied)
 
 
 class APIError(Exception):

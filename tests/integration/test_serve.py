@@ -490,3 +490,42 @@ def test_killing_a_replica_mid_load_in_combined_layout_fails_only_streams_under_
     while _engine_processes() != engines_before and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _engine_processes() == engines_before
+
+
+def test_a_dead_engine_process_fails_its_requests_with_503_and_serve_replaces_the_replica(serve_port, tiny_model_dir):
+    import os
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    before = _engine_processes()
+    url = deploy(serve_port, "childdeath", checkpoint=str(tiny_model_dir), model_id="tiny", allow_no_auth=True,
+                 num_replicas=1, num_cpus=0.25, max_batch_size=4, layout="combined", engine_process=True)
+    (child,) = _engine_processes() - before
+    c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+    long_prompt = [100 + i % 1000 for i in range(1000)]  # 1000 tokens after it take several seconds here
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(c.completions.create, model="tiny", prompt=long_prompt, max_tokens=1000)
+        time.sleep(1.0)
+        assert not pending.done()
+        os.kill(child, signal.SIGKILL)
+        t = time.perf_counter()
+        with pytest.raises(openai.APIStatusError) as e:
+            pending.result(timeout=30)
+    # The request in flight fails at once with a retryable OpenAI error, not a hang or a bare 500.
+    assert e.value.status_code == 503 and e.value.body["code"] == "replica_unavailable"
+    assert time.perf_counter() - t < 5 and e.value.response.headers.get("retry-after")
+    # The health check fails, Serve replaces the replica, and a new engine process serves.
+    deadline, outcome = time.monotonic() + 120, None
+    while time.monotonic() < deadline:
+        try:
+            outcome = c.completions.create(model="tiny", prompt="story", max_tokens=4).choices[0].finish_reason
+            break
+        except (openai.APIStatusError, openai.APIConnectionError) as err:
+            assert getattr(err, "status_code", 503) >= 500  # unavailable while being replaced, never a 4xx
+            time.sleep(1)
+    assert outcome == "length"
+    (replacement,) = _engine_processes() - before
+    assert replacement != child
+    serve.delete("childdeath")
