@@ -15,6 +15,7 @@ be the start of a stop string is held back until it is known not to be).
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -162,6 +163,9 @@ class ContinuousBatcher:
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.device = next(model.parameters()).device
+        # transformers 5.x renames the forward's cache argument `past_key_values` -> `cache` (the old
+        # name warns now and goes in 5.40): use whichever this model's forward takes.
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._lock = threading.Lock()
         self._waiting: deque[tuple[Hashable, list[int], SamplingParams]] = deque()
         self._aborted: set[Hashable] = set()
@@ -246,7 +250,7 @@ class ContinuousBatcher:
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache()
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **{self._cache_arg: cache},
                             use_cache=True, logits_to_keep=1).logits[:, -1, :]
         rows = []
         for rid, p, sp in new:
@@ -266,8 +270,8 @@ class ContinuousBatcher:
         feed = torch.tensor([[r.last_token] for r in self._rows], dtype=torch.long, device=self.device)
         pos = torch.tensor([[r.prompt_len + r.produced - 1] for r in self._rows], dtype=torch.long, device=self.device)
         self._mask = torch.cat([self._mask, torch.ones((n, 1), dtype=self._mask.dtype, device=self.device)], dim=1)
-        logits = self.model(input_ids=feed, attention_mask=self._mask, position_ids=pos, past_key_values=self._cache,
-                            use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        logits = self.model(input_ids=feed, attention_mask=self._mask, position_ids=pos,
+                            **{self._cache_arg: self._cache}, use_cache=True, logits_to_keep=1).logits[:, -1, :]
         out, keep = self._sample(self._rows, logits)
         if len(keep) < n:
             self._keep(keep)

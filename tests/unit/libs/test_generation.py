@@ -64,6 +64,17 @@ def test_greedy_tokens_is_argmax_with_first_index_on_ties(rows, vocab):
     assert torch.equal(greedy_tokens(tied, block=7), tied.argmax(-1))
 
 
+def test_batcher_passes_the_cache_under_the_name_this_transformers_takes_without_deprecation_warnings(model_and_tok):
+    import warnings
+
+    model, _ = model_and_tok
+    b = batcher(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # e.g. "`past_key_values` is deprecated ... Use `cache`"
+        outs, finish = run_all(b, PROMPTS[:2], [GREEDY] * 2)
+    assert all(len(o) == 12 or f == "stop" for o, f in zip(outs, finish))
+
+
 PROMPTS = [[1, 420, 6316, 28781], [1, 22557, 28747, 5, 6, 7, 8, 9, 10], [1, 99]]
 
 
