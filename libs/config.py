@@ -204,6 +204,10 @@ class ServeConfig(_Config):
         default=True,
         description="Run each replica's request handling on its main event loop (Ray Serve's documented throughput "
                     "flags RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0, RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0).")
+    health_check_period_s: float = Field(
+        default=10.0, gt=0,
+        description="How often Serve checks each engine replica's health (a replica whose engine process died fails "
+                    "it; Serve replaces a replica after 3 failed checks in a row).")
     engine_process: bool = Field(
         default=True,
         description="Run the model and its batching loop in a child process of each engine replica, with a GIL of its "

@@ -61,6 +61,7 @@ def engine_options(cfg: ServeConfig) -> dict:
         "max_queued_requests": cfg.max_queued_requests,
         "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=cfg.retry_after_s),
         "graceful_shutdown_timeout_s": shutdown_timeout_s(cfg),
+        "health_check_period_s": cfg.health_check_period_s,
         "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, **replica_env(cfg)},
     }
     if cfg.num_replicas is not None:

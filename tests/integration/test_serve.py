@@ -501,7 +501,8 @@ def test_a_dead_engine_process_fails_its_requests_with_503_and_serve_replaces_th
 
     before = _engine_processes()
     url = deploy(serve_port, "childdeath", checkpoint=str(tiny_model_dir), model_id="tiny", allow_no_auth=True,
-                 num_replicas=1, num_cpus=0.25, max_batch_size=4, layout="combined", engine_process=True)
+                 num_replicas=1, num_cpus=0.25, max_batch_size=4, layout="combined", engine_process=True,
+                 health_check_period_s=1)
     (child,) = _engine_processes() - before
     c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
     long_prompt = [100 + i % 1000 for i in range(1000)]  # 1000 tokens after it take several seconds here

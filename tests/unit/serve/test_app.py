@@ -70,3 +70,9 @@ def test_replaced_replicas_let_requests_run_to_their_timeout_not_servers_20_s(la
     app = build_app({"checkpoint": str(tiny_model_dir), "allow_no_auth": True, "layout": layout, "request_timeout_s": 300})
     for d in _deployments(app).values():  # the engine and, in split, the router
         assert d._deployment_config.graceful_shutdown_timeout_s == 300 + SHUTDOWN_MARGIN_S
+
+
+def test_engine_health_check_period_is_configurable():
+    cfg = ServeConfig(checkpoint="/c", health_check_period_s=2.5)
+    assert engine_options(cfg)["health_check_period_s"] == 2.5
+    assert engine_options(ServeConfig(checkpoint="/c"))["health_check_period_s"] == 10
