@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/serve_load.py                       # tiny embedded model, CPU
     .venv/bin/python benchmarks/serve_load.py --checkpoint s3://bucket/runs/crlft --num-gpus 1
+    python benchmarks/serve_load.py --engine-only --device cuda --model 1b   # a GPU machine without Ray
 
 1. In-process baseline: the same checkpoint loaded here, requests generated one after another
    (``ContinuousBatcher`` with one request at a time: what ``generate`` on one prompt does).
@@ -39,9 +40,16 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 class Sequential:
-    """Sequential generation in this process: one request at a time, no Ray, no HTTP."""
+    """Sequential generation in this process: one request at a time, no Ray, no HTTP.
 
-    def __init__(self, checkpoint: str, threads: int):
+    ``prompt(i)`` gives request ``i``'s token ids: the chat template applied to QUESTIONS, or
+    (``synthetic``) fixed random ids, for a model without the tokenizer (``--engine-only --model 1b``)."""
+
+    def __init__(self, batcher, prompt):
+        self.b, self.prompt = batcher, prompt
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str, threads: int, device: str = "cpu", dtype=None) -> "Sequential":
         import torch
 
         from libs.checkpoints import fetch_checkpoint, resolve_checkpoint
@@ -52,10 +60,25 @@ class Sequential:
 
         torch.set_num_threads(threads)  # what the engine replica gets (Ray sets OMP_NUM_THREADS = num_cpus)
         local = fetch_checkpoint(resolve_checkpoint(checkpoint).uri, "/tmp/raychat/models")
-        model, tok = load_causal_lm(local)
-        self.ct = ConversationTokenizer(tok, get_template("openchat_3.5"))
-        self.b = ContinuousBatcher(model, stop_ids=[self.ct.eot_id, tok.eos_token_id], pad_id=tok.pad_token_id or 0,
-                                   max_context=int(model.config.max_position_embeddings), max_batch_size=1)
+        model, tok = load_causal_lm(local, dtype=dtype)
+        ct = ConversationTokenizer(tok, get_template("openchat_3.5"))
+        b = ContinuousBatcher(model.to(device), stop_ids=[ct.eot_id, tok.eos_token_id], pad_id=tok.pad_token_id or 0,
+                              max_context=int(model.config.max_position_embeddings), max_batch_size=1)
+        return cls(b, lambda i: ct.encode_prompt([("user", QUESTIONS[i % len(QUESTIONS)])]))
+
+    @classmethod
+    def synthetic(cls, model, prompt_len: int = 32) -> "Sequential":
+        """A random-init model (``train_throughput.build_model``) and fixed random prompts: no stop token."""
+        import random
+
+        from libs.generation import ContinuousBatcher
+
+        rng = random.Random(0)
+        prompts = [[1] + [rng.randrange(100, model.config.vocab_size) for _ in range(prompt_len - 1)]
+                   for _ in range(len(QUESTIONS))]
+        b = ContinuousBatcher(model, stop_ids=[], pad_id=0, max_context=int(model.config.max_position_embeddings),
+                              max_batch_size=1)
+        return cls(b, lambda i: prompts[i % len(prompts)])
 
     def run_batched(self, n: int, max_tokens: int, batch: int) -> dict:
         """``n`` requests submitted at once, ``batch`` in the running batch: the engine's own batching
@@ -66,7 +89,7 @@ class Sequential:
         self.b.max_batch_size = batch
         tokens, t0 = 0, time.perf_counter()
         for i in range(n):
-            self.b.submit(i, self.ct.encode_prompt([("user", QUESTIONS[i % len(QUESTIONS)])]), sp)
+            self.b.submit(i, self.prompt(i), sp)
         while self.b.has_work():
             tokens += sum(s.token_id is not None for _, s in self.b.step())
         wall = time.perf_counter() - t0
@@ -77,7 +100,7 @@ class Sequential:
         from libs.generation import SamplingParams
 
         sp = SamplingParams(max_tokens=max_tokens, temperature=0)
-        prompts = [self.ct.encode_prompt([("user", QUESTIONS[i % len(QUESTIONS)])]) for i in range(n)]
+        prompts = [self.prompt(i) for i in range(n)]
         lat, ttft, tokens = [], [], 0
         t0 = time.perf_counter()
         for i, p in enumerate(prompts):
@@ -165,6 +188,46 @@ ARMS = {
 }
 
 
+def engine_only(args, levels: list[int]) -> int:
+    """Sequential generation vs the engine's own batches, in this process — no Ray, HTTP or text
+    handling, so it runs where Ray is not installed (a lent GPU machine)."""
+    import torch
+
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    if args.checkpoint:
+        seq = Sequential.from_checkpoint(args.checkpoint, max(1, int(args.num_cpus)), args.device, dtype)
+        what = args.checkpoint
+    else:
+        from train_throughput import build_model
+
+        torch.set_num_threads(max(1, int(args.num_cpus)))
+        seq = Sequential.synthetic(build_model(args.model, 32002, 4096, args.device, dtype, seed=0).eval())
+        what = f"random-init {args.model} model, 32-token random prompts"
+    n_params = sum(p.numel() for p in seq.b.model.parameters())
+    print(f"engine only: {what} ({n_params / 1e6:,.1f}M parameters) on {args.device} ({str(dtype).removeprefix('torch.')}), "
+          f"{args.max_tokens} tokens per request", flush=True)
+    seq.run(2, 8)  # warm-up
+    base_runs, ratios, tok_s = [], {c: [] for c in levels if c > 1}, {c: [] for c in levels if c > 1}
+    for rep in range(args.repeats):
+        for c in ratios:
+            base = seq.run(args.requests or 16, args.max_tokens)
+            base_runs.append(base)
+            r = seq.run_batched(args.requests or max(16, 4 * c), args.max_tokens, min(c, args.max_batch_size))
+            tok_s[c].append(r["tok_s"])
+            ratios[c].append(r["tok_s"] / base["tok_s"])
+            print(f"[{rep + 1}/{args.repeats}] batch of {min(c, args.max_batch_size)}: {r['tok_s']:.0f} tok/s vs sequential "
+                  f"just before {base['tok_s']:.0f} ({ratios[c][-1]:.1f}x)", flush=True)
+    seq_sum = summarise(base_runs)
+    print("\n| path | generated tok/s | vs sequential | p50 / p99 latency (ms) | p50 / p99 TTFT (ms) |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| sequential in-process | {seq_sum['tok_s']:.0f} | 1.0× | {seq_sum['p50_latency_ms']:.0f} / "
+          f"{seq_sum['p99_latency_ms']:.0f} | {seq_sum['p50_ttft_ms']:.1f} / {seq_sum['p99_ttft_ms']:.1f} |")
+    for c in ratios:
+        print(f"| in-process, batch of {min(c, args.max_batch_size)} | {statistics.median(tok_s[c]):.0f} | "
+              f"{statistics.median(ratios[c]):.1f}× | – | – |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", help="checkpoint or run URI; default: a fresh tiny embedded model")
@@ -180,8 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="stream,whole", help="streamed and/or non-streamed requests")
     ap.add_argument("--stream-interval-s", type=float, help="ServeConfig.stream_interval_s (default: the config's)")
     ap.add_argument("--json", help="write the figures here too")
+    ap.add_argument("--engine-only", action="store_true",
+                    help="no Ray or HTTP: only sequential vs in-process batches (for machines without Ray)")
+    ap.add_argument("--device", default="cpu", help="--engine-only: cpu or cuda")
+    ap.add_argument("--model", choices=["tiny", "1b"], default="tiny",
+                    help="--engine-only without --checkpoint: a random-init tiny or ~1.1B Mistral")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="--engine-only: default bfloat16 on cuda, else float32")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
+    if args.engine_only:
+        return engine_only(args, levels)
     arms = args.arms.split(",")
     modes = [m == "stream" for m in args.modes.split(",")]
 
@@ -194,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="raychat-bench-"))
     checkpoint = args.checkpoint or str(create_embedded_base_model(tmp / "tiny"))
-    seq = Sequential(checkpoint, threads=max(1, int(args.num_cpus)))
+    seq = Sequential.from_checkpoint(checkpoint, threads=max(1, int(args.num_cpus)))
     seq.run(2, 8)  # warm-up
 
     key = "sk-bench"
