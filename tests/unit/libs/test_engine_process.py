@@ -125,3 +125,17 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+@pytest.mark.gpu
+def test_child_process_on_cuda_generates_what_the_cpu_batcher_does(tiny_model_dir):
+    model, _ = load_causal_lm(tiny_model_dir)
+    local = ContinuousBatcher(model, stop_ids=[32000], pad_id=32001, max_context=256, max_batch_size=8)
+    b = ProcessBatcher(spec(tiny_model_dir, device="cuda"))
+    try:
+        for i, p in enumerate(PROMPTS):
+            local.submit(i, p, GREEDY)
+            b.submit(i, p, GREEDY)
+        assert drain(b, 3) == drain(local, 3)
+    finally:
+        b.close()
