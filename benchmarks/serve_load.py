@@ -183,9 +183,15 @@ ARMS = {
     "split": {"layout": "split"},
     "combined-threads": {"layout": "combined", "same_event_loop": False},
     "split-threads": {"layout": "split", "same_event_loop": False},
-    "combined-thread": {"layout": "combined", "engine_process": False},
-    "split-thread": {"layout": "split", "engine_process": False},
+    "combined-inline": {"layout": "combined", "engine_process": False},  # the batching loop in the replica
+    "split-inline": {"layout": "split", "engine_process": False},
 }
+
+
+def batched_vs_sequential(seq: Sequential, args, c: int) -> tuple[dict, dict]:
+    """A sequential run, then the engine's own batches of ``c`` right after it (the ceiling for concurrency ``c``)."""
+    base = seq.run(args.requests or 16, args.max_tokens)
+    return base, seq.run_batched(args.requests or max(16, 4 * c), args.max_tokens, min(c, args.max_batch_size))
 
 
 def engine_only(args, levels: list[int]) -> int:
@@ -210,9 +216,8 @@ def engine_only(args, levels: list[int]) -> int:
     base_runs, ratios, tok_s = [], {c: [] for c in levels if c > 1}, {c: [] for c in levels if c > 1}
     for rep in range(args.repeats):
         for c in ratios:
-            base = seq.run(args.requests or 16, args.max_tokens)
+            base, r = batched_vs_sequential(seq, args, c)
             base_runs.append(base)
-            r = seq.run_batched(args.requests or max(16, 4 * c), args.max_tokens, min(c, args.max_batch_size))
             tok_s[c].append(r["tok_s"])
             ratios[c].append(r["tok_s"] / base["tok_s"])
             print(f"[{rep + 1}/{args.repeats}] batch of {min(c, args.max_batch_size)}: {r['tok_s']:.0f} tok/s vs sequential "
@@ -297,9 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     ceiling = {c: [] for c in levels if c > 1}
     for rep in range(args.repeats):
         for c in ceiling:
-            base = seq.run(args.requests or 16, args.max_tokens)
-            ceiling[c].append(seq.run_batched(args.requests or max(16, 4 * c), args.max_tokens, min(c, args.max_batch_size))["tok_s"]
-                              / base["tok_s"])
+            base, batched = batched_vs_sequential(seq, args, c)
+            ceiling[c].append(batched["tok_s"] / base["tok_s"])
             print(f"[{rep + 1}/{args.repeats}] in-process batch of {c}: {ceiling[c][-1]:.1f}x sequential", flush=True)
         for arm, c, st in serve_runs:
             base = seq.run(args.requests or 16, args.max_tokens)
