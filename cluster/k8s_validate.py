@@ -19,6 +19,7 @@ Kubernetes' own NetworkPolicy rule and label-selector schemas).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from functools import lru_cache
@@ -27,7 +28,10 @@ from typing import Any
 
 import yaml
 
-DEFAULT_CRDS = Path(__file__).resolve().parents[1].parent / "shared" / "kuberay" / "crds"
+# The KubeRay v1.7 CRDs: ../shared/kuberay/crds beside the checkout, or wherever RAYCHAT_KUBERAY_CRDS points
+# (a checkout cloned elsewhere).
+DEFAULT_CRDS = Path(os.environ.get("RAYCHAT_KUBERAY_CRDS")
+                    or Path(__file__).resolve().parents[1].parent / "shared" / "kuberay" / "crds")
 _INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

@@ -45,7 +45,7 @@ def test_overlays_render_every_resource_labelled_with_the_stage_that_applies_it(
 
 @each_overlay
 def test_every_rendered_manifest_validates_against_the_kuberay_crds(rendered, overlay):
-    assert DEFAULT_CRDS.is_dir(), f"KubeRay CRDs missing at {DEFAULT_CRDS}"
+    assert DEFAULT_CRDS.is_dir(), f"KubeRay CRDs missing at {DEFAULT_CRDS} (set RAYCHAT_KUBERAY_CRDS for a checkout cloned elsewhere)"
     errors = {f"{d['kind']}/{d['metadata']['name']}": validate_manifest(d) for d in rendered[overlay]}
     assert {k: v for k, v in errors.items() if v} == {}
 
