@@ -407,7 +407,11 @@ def packed_forward(model, packed: dict[str, torch.Tensor], logits_to_keep: torch
     position_ids = packed["position_ids"].to(device)
     kwargs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
     if logits_to_keep is not None:
-        kwargs["logits_to_keep"] = logits_to_keep.to(device)
+        # As positions (1-D), which every transformers 5.x takes; a [batch, seq] bool mask is
+        # taken only by later 5.x releases (5.17 fails on it). A pack is one row, so they agree.
+        if logits_to_keep.dim() != 2 or logits_to_keep.size(0) != 1 or logits_to_keep.dtype != torch.bool:
+            raise ValueError(f"logits_to_keep: a bool [1, T] mask; got {tuple(logits_to_keep.shape)} {logits_to_keep.dtype}")
+        kwargs["logits_to_keep"] = logits_to_keep[0].nonzero().squeeze(1).to(device)
     impl = getattr(config, "_attn_implementation", None)
     if impl == PACKED_SDPA:
         # Per-row SDPA (see use_packed_attention): row boundaries instead of a mask. They stay on
@@ -428,7 +432,7 @@ def packed_forward(model, packed: dict[str, torch.Tensor], logits_to_keep: torch
             sliding_window=getattr(config, "sliding_window", None),
         )
         out = model(**kwargs, attention_mask=mask)
-    return out.logits
+    return out.logits if logits_to_keep is None else out.logits[0]
 
 
 # --- the training feed: a multi-epoch plan as per-row tables, and regrouping rows into packs ------

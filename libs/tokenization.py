@@ -12,12 +12,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 
-from libs.schema import Conversation, DroppedRow
 from libs.templates import ChatTemplate, Segment
+
+if TYPE_CHECKING:  # libs.schema needs pydantic; tokenizing token ids (a GPU box: torch + transformers only) does not
+    from libs.schema import Conversation, DroppedRow
 
 EOT_TOKEN = "<|end_of_turn|>"
 PAD_TOKEN = "<|pad_0|>"
@@ -35,9 +37,24 @@ OPENCHAT_CHAT_TEMPLATE = (
 
 
 def embedded_tokenizer_file() -> Path:
-    """Path of Mistral-7B v0.1's SentencePiece model inside the installed ``mistral-common``."""
-    import mistral_common
+    """Path of Mistral-7B v0.1's SentencePiece model: ``$RAYCHAT_TOKENIZER_MODEL`` when set (a machine
+    without ``mistral-common``, e.g. a GPU box with torch and transformers only), else the file inside
+    the installed ``mistral-common``.
 
+    Raises:
+        FileNotFoundError: the file named by the variable, or mistral-common's copy, is missing.
+    """
+    named = os.environ.get("RAYCHAT_TOKENIZER_MODEL")
+    if named:
+        if not Path(named).is_file():
+            raise FileNotFoundError(f"RAYCHAT_TOKENIZER_MODEL={named}: no such file")
+        return Path(named)
+    try:
+        import mistral_common
+    except ImportError:
+        raise FileNotFoundError(
+            "the embedded tokenizer needs the mistral-common package (pip install mistral-common), or "
+            "RAYCHAT_TOKENIZER_MODEL naming a copy of its data/tokenizer.model.v1") from None
     path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
     if not path.is_file():
         raise FileNotFoundError(
@@ -47,10 +64,15 @@ def embedded_tokenizer_file() -> Path:
 
 
 def _embedded_cache_dir() -> Path:
+    import hashlib
     from importlib.metadata import version  # not ``import transformers``: that alone takes ~0.7 s
 
     root = Path(os.environ.get("RAYCHAT_CACHE", Path(tempfile.gettempdir()) / "raychat"))
-    return root / "tokenizers" / f"embedded-mc{version('mistral-common')}-tf{version('transformers')}"
+    if os.environ.get("RAYCHAT_TOKENIZER_MODEL"):
+        source = "sp" + hashlib.sha256(embedded_tokenizer_file().read_bytes()).hexdigest()[:12]
+    else:
+        source = f"mc{version('mistral-common')}"
+    return root / "tokenizers" / f"embedded-{source}-tf{version('transformers')}"
 
 
 def build_embedded_tokenizer():
@@ -341,6 +363,8 @@ class ConversationTokenizer:
         )
 
     def _drop_reason(self, length: int) -> DroppedRow:
+        from libs.schema import DroppedRow
+
         why = "after truncation to %d tokens" % self.max_length if length > self.max_length else "(all weights are 0)"
         return DroppedRow("no_supervised_tokens", f"no token with weight > 0 {why}")
 

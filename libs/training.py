@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import torch
 
-from libs.config import TrainConfig
 from libs.loss import (
     WeightedCE,
     crlft_loss,
@@ -33,6 +32,9 @@ from libs.loss import (
     weighted_cross_entropy_at,
 )
 from libs.packing import packed_forward
+
+if TYPE_CHECKING:  # pydantic is not needed to train a step: a GPU box may have torch and transformers only
+    from libs.config import TrainConfig
 
 #: OpenChat's reference point for the automatic LR: LLaMA's 3e-4 at a 4M-token batch.
 OPENCHAT_BASE_LR = 3e-4

@@ -98,6 +98,18 @@ def test_varlen_kernels_get_position_ids_and_no_mask(attn):
     assert call["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
 
 
+def test_positions_to_keep_reach_the_model_as_indices():
+    """A [1, T] bool mask goes to transformers as 1-D positions: a 2-D bool ``logits_to_keep``
+    fails on transformers releases before ~5.2x (5.17, the lent GPU machine's, raises IndexError)."""
+    model = RecordingLM("flash_attention_2")
+    packed = pack([[1, 2, 3], [1, 4]], [[0, 1, 1], [0, 1]])
+    keep = torch.tensor([[False, True, False, True, True]])
+    packed_forward(model, packed, logits_to_keep=keep)
+    assert model.calls[0]["logits_to_keep"].tolist() == [1, 3, 4]
+    with pytest.raises(ValueError, match="bool \\[1, T\\] mask"):
+        packed_forward(model, packed, logits_to_keep=keep[0])
+
+
 def test_sdpa_gets_the_4d_document_mask_in_the_model_dtype():
     model = RecordingLM("sdpa").to(torch.bfloat16)
     packed = pack([[1, 2, 3], [1, 4]], [[0, 1, 1], [0, 1]])

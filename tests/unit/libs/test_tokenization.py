@@ -131,3 +131,19 @@ def test_light_rust_encoder_matches_transformers_exactly(tokenizer):
     c = conv(("user", "What is 2 + 3?", 0.0), ("assistant", "5", 1.0), system="Be brief.")
     assert ConversationTokenizer(light, t).encode(c) == ConversationTokenizer(tokenizer, t).encode(c)
     assert (build_embedded_tokenizer_dir() / "tokenizer.json").is_file()
+
+
+def test_tokenizer_model_file_can_come_from_the_environment(monkeypatch, tmp_path):
+    """A machine without mistral-common (a lent GPU box) names a copy of the model file instead."""
+    from libs import tokenization
+
+    default = tokenization.embedded_tokenizer_file()
+    copy = tmp_path / "tokenizer.model.v1"
+    copy.write_bytes(default.read_bytes())
+    default_cache = tokenization._embedded_cache_dir()
+    monkeypatch.setenv("RAYCHAT_TOKENIZER_MODEL", str(copy))
+    assert tokenization.embedded_tokenizer_file() == copy
+    assert tokenization._embedded_cache_dir() != default_cache  # keyed by the file's hash, not mistral-common
+    monkeypatch.setenv("RAYCHAT_TOKENIZER_MODEL", str(tmp_path / "missing.model"))
+    with pytest.raises(FileNotFoundError, match="RAYCHAT_TOKENIZER_MODEL"):
+        tokenization.embedded_tokenizer_file()

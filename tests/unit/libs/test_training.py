@@ -165,7 +165,7 @@ def test_lm_head_runs_only_where_the_next_token_has_weight(step_model):
     weighted = int((packed["weights"][0, 1:] != 0).sum())
     assert 0 < weighted < packed["input_ids"].shape[1] - 1
     head_rows, fused_rows = [], []
-    hook = step_model.lm_head.register_forward_hook(lambda mod, args, out: head_rows.append(args[0].shape[0]))
+    hook = step_model.lm_head.register_forward_hook(lambda mod, args, out: head_rows.append(args[0].shape[:-1].numel()))
     fused = libs.training.linear_weighted_cross_entropy
 
     def spy(hidden, *args, **kwargs):
