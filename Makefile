@@ -11,7 +11,7 @@ PIP_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 EXTRAS ?= dev
 comma := ,
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean gpu-bundle
 
 $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml $(CONSTRAINTS)
 	@echo "==> installing raychat[$(EXTRAS)] into $(VENV) ($(if $(CONSTRAINTS),constraints: $(CONSTRAINTS),no constraints))"
@@ -26,6 +26,11 @@ demo: setup  ## sample data -> pretokenize -> train -> serve -> ask, on the embe
 
 test: setup  ## unit + integration tests (real local Ray, moto S3 on loopback)
 	$(PY) -m pytest $(ARGS)
+
+gpu-bundle: setup  ## what benchmarks/gpu_session.sh needs on a GPU machine without mistral-common: .gpu/
+	mkdir -p .gpu
+	cp "$$($(PY) -c 'from libs.tokenization import embedded_tokenizer_file as f; print(f())')" .gpu/tokenizer.model.v1
+	@echo "==> .gpu/ ready: carry it to the GPU machine (see benchmarks/gpu_session.sh)"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
