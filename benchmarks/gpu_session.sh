@@ -37,7 +37,7 @@ gpu_test_files() { grep -rlE '^@pytest\.mark\.gpu' tests --include='test_*.py' |
 run_part() {
     case $1 in
         tests) part tests "${PY[@]}" -m pytest -q -p no:cacheprovider -m gpu -rs $(gpu_test_files) ;;
-        train) part train "${PY[@]}" benchmarks/train_throughput.py --synthetic --device "$DEVICE" --model "$MODEL" --no-baseline --repeats 3 --max-steps 20 ;;
+        train) part train "${PY[@]}" benchmarks/train_throughput.py --synthetic --device "$DEVICE" --model "$MODEL" --no-baseline --repeats 3 --max-steps 10 --batch-max-len "${BATCH_MAX_LEN:-16384}" ;;
         upload) part upload "${PY[@]}" benchmarks/checkpoint_upload.py --device "$DEVICE" --model "$MODEL" --dest /tmp/raychat-sink ;;
         serve) part serve "${PY[@]}" benchmarks/serve_load.py --engine-only --device "$DEVICE" --model "$MODEL" --concurrency 1,4,16,64 --repeats 3 ;;
         *) echo "usage: $0 tests|train|upload|serve|all" >&2; return 2 ;;
