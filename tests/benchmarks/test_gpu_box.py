@@ -45,9 +45,9 @@ def gpu_box_env(tmp_path_factory):
     return env
 
 
-def run(env, *args: str, timeout: float = 240) -> str:
-    proc = subprocess.run([sys.executable, "-S", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def run(env, *args: str, cmd: tuple[str, ...] = (sys.executable, "-S"), timeout: float = 240) -> str:
+    """``cmd + args`` in the emulated box (default: its Python); the exit code must be 0."""
+    proc = subprocess.run([*cmd, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{args}: exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return proc.stdout
 
@@ -81,10 +81,8 @@ def test_session_script_runs_the_gpu_marked_tests_and_their_model_fixture_builds
     # (the embedded tokenizer from the carried file, then the tiny model), as the box would.
     run(gpu_box_env, "-c", "import tempfile; from libs.model import create_embedded_base_model; "
         "create_embedded_base_model(tempfile.mkdtemp(), seed=0)")
-    env = dict(gpu_box_env, PYTHON=f"{sys.executable} -S", OUT=str(tmp_path))
-    proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "tests"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=240)
+    run(dict(gpu_box_env, PYTHON=f"{sys.executable} -S", OUT=str(tmp_path)), "benchmarks/gpu_session.sh", "tests",
+        cmd=("bash",))
     log = (tmp_path / "tests.log").read_text()
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     skipped = re.search(r"(\d+) skipped", log)
     assert skipped and int(skipped[1]) >= 6 and "needs CUDA" in log and "error" not in log.lower(), log[-2000:]
