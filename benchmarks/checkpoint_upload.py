@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from train_throughput import _sync, build_model, synthetic_rows  # noqa: E402
+from train_throughput import _sync, build_model, make_optimizer, synthetic_rows  # noqa: E402
 
 CHUNK = 64 * 1024 * 1024  # Ray Train's copy chunk size
 
@@ -180,7 +180,7 @@ def main() -> int:
         model = build_model(args.model, vocab, 2048, args.device, getattr(torch, args.dtype), seed=0)
         use_packed_attention(model)
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        opt = make_optimizer(model, args.device)
         plan = plan_epoch(rows.lengths, args.batch_max_len, num_ranks=1, seed=0, epoch=0).for_rank(0)
         batches = [pack([rows.input_ids[i] for i in idx], [rows.weights[i] for i in idx]) for idx in plan]
         cursor = 0

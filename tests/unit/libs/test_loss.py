@@ -94,3 +94,28 @@ def test_fused_linear_ce_equals_logits_then_ce_with_gradients(chunk):
         torch.testing.assert_close(g, r)
     with torch.no_grad():
         torch.testing.assert_close(linear_weighted_cross_entropy(hidden, weight, targets, w, chunk).loss_sum, ref.loss_sum)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fused_linear_ce_in_bf16_matches_fp32_reference(device):
+    """bf16 as on a GPU: each chunk's head gradient is a bf16 product, summed over chunks in fp32."""
+    from libs.loss import linear_weighted_cross_entropy, weighted_cross_entropy_at
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    torch.manual_seed(0)
+    n, h, v = 600, 64, 1000  # more rows than one chunk on every device (256 CPU, 4096 accelerator: 2 chunks forced)
+    hidden = torch.randn(n, h, device=device).bfloat16().requires_grad_()
+    weight = (torch.randn(v, h, device=device) / 8).bfloat16().requires_grad_()
+    targets = torch.randint(0, v, (n,), device=device)
+    w = torch.rand(n, device=device) * (torch.rand(n, device=device) > 0.3)
+    h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    ref = weighted_cross_entropy_at(h32 @ w32.T, targets, w)
+    ref_grads = torch.autograd.grad(ref.loss_sum, (h32, w32))
+    for chunk in (None, 256):
+        got = linear_weighted_cross_entropy(hidden, weight, targets, w, chunk=chunk)
+        grads = torch.autograd.grad(got.loss_sum, (hidden, weight))
+        torch.testing.assert_close(got.loss_sum, ref.loss_sum, rtol=1e-3, atol=1e-2)
+        for g, r in zip(grads, ref_grads):
+            assert g.dtype == torch.bfloat16
+            torch.testing.assert_close(g.float(), r, rtol=2e-2, atol=2e-2)
