@@ -160,6 +160,8 @@ def run_packed(rows: Rows, args, seed: int) -> dict:
         (parts.loss_sum / parts.weight_sum.clamp_min(1e-8)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    if args.profile:
+        profile_steps(model, opt, rows, steps[: args.profile], args.device)
     _sync(args.device)
     t0 = time.perf_counter()
     for idx in steps:
@@ -180,6 +182,31 @@ def run_packed(rows: Rows, args, seed: int) -> dict:
             "supervised_per_s": supervised / wall, "tokens_per_s": real / wall,
             "efficiency": real / (len(steps) * args.batch_max_len), "plan_efficiency": plan.efficiency,
             "left_out": plan.left_out, "params": n_params}
+
+
+def profile_steps(model, opt, rows: Rows, steps: list, device: str) -> None:
+    """Prints the operators that took the most time over ``steps`` (untimed, before the timed steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from libs.packing import pack
+    from libs.training import forward_packed_ce
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    _sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for idx in steps:
+            packed = pack([rows.input_ids[i] for i in idx], [rows.weights[i] for i in idx])
+            parts = forward_packed_ce(model, packed)
+            (parts.loss_sum / parts.weight_sum.clamp_min(1e-8)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        _sync(device)
+    print(f"  profile of {len(steps)} steps ({time.perf_counter() - t0:.2f}s with the profiler on):", flush=True)
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60), flush=True)
+    if device == "cuda":
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=60), flush=True)
 
 
 class _PaddedRows(torch.utils.data.Dataset):
@@ -284,9 +311,17 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense peak for MFU (H100 SXM bf16: 989)")
+    ap.add_argument("--sdpa-backends", default="raychat",
+                    help="CUDA attention kernels of the packed step: 'raychat' (libs.packing.PACKED_SDPA_BACKENDS), "
+                         "'torch' (torch's own choice, cuDNN included) or a comma list of SDPBackend names")
+    ap.add_argument("--profile", type=int, default=0, help="profile this many steps after the warm-up and print the top operators")
     ap.add_argument("--no-baseline", action="store_true", help="skip the HF Trainer baseline (e.g. no accelerate installed)")
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.sdpa_backends != "raychat":
+        import libs.packing
+
+        libs.packing.PACKED_SDPA_BACKENDS = None if args.sdpa_backends == "torch" else tuple(args.sdpa_backends.split(","))
     if args.warmup_steps is None:
         args.warmup_steps = 2 if args.device == "cuda" else 0
     args.vocab = 32002
@@ -296,7 +331,8 @@ def main() -> int:
     lens = rows.lengths
     print(f"{len(lens)} rows ({'synthetic' if args.synthetic else 'ShareGPT V3'}): tokens {lens.sum():,}, supervised {rows.supervised:,}, "
           f"length median {int(np.median(lens))} / p90 {int(np.percentile(lens, 90))} / max {lens.max()} "
-          f"(prepared in {time.perf_counter() - t:.1f}s); {args.model} model on {args.device} ({args.dtype}), "
+          f"(prepared in {time.perf_counter() - t:.1f}s); {args.model} model on {args.device} ({args.dtype}, attention kernels: "
+          f"{args.sdpa_backends}), "
           f"{torch.get_num_threads()} threads", flush=True)
 
     packed, base = [], []

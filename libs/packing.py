@@ -305,6 +305,24 @@ def document_causal_mask(
 PACKED_SDPA = "raychat_packed_sdpa"
 
 
+#: SDPA kernels the per-row attention may use on CUDA, in torch's ``SDPBackend`` names; ``None``
+#: leaves the choice to torch. cuDNN's attention is left out: it builds an execution plan for every
+#: new sequence length, and each row of a pack has a length of its own. Flash attention takes any
+#: length at no setup cost.
+PACKED_SDPA_BACKENDS: tuple[str, ...] | None = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+def _sdpa_backend_scope(device: torch.device):
+    """The ``sdpa_kernel`` scope of :data:`PACKED_SDPA_BACKENDS` on CUDA; no scope elsewhere."""
+    import contextlib
+
+    if device.type != "cuda" or PACKED_SDPA_BACKENDS is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, name) for name in PACKED_SDPA_BACKENDS])
+
+
 def _uses_varlen_kernel(attn_implementation: str | None) -> bool:
     """Whether transformers derives per-row attention from packed ``position_ids`` by itself."""
     impl = attn_implementation or ""
@@ -351,16 +369,17 @@ def packed_sdpa_attention(
         raise ValueError(f"a pack is one sequence (batch 1), got batch {query.shape[0]}")
     bounds = cu_seq_lens_q.tolist()
     outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        length = end - start
-        mask = None
-        if sliding_window is not None and length > sliding_window:
-            mask = _row_window_mask(length, sliding_window, query.device)
-        out, _ = sdpa_attention_forward(
-            module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], mask,
-            dropout=dropout, scaling=scaling, is_causal=True,
-        )
-        outs.append(out)
+    with _sdpa_backend_scope(query.device):  # the backward pass runs the kernel the forward chose
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            length = end - start
+            mask = None
+            if sliding_window is not None and length > sliding_window:
+                mask = _row_window_mask(length, sliding_window, query.device)
+            out, _ = sdpa_attention_forward(
+                module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], mask,
+                dropout=dropout, scaling=scaling, is_causal=True,
+            )
+            outs.append(out)
     return torch.cat(outs, dim=1), None
 
 
