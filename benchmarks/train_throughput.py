@@ -145,6 +145,10 @@ def run_packed(rows: Rows, args, seed: int) -> dict:
     dtype = getattr(torch, args.dtype)
     model = build_model(args.model, args.vocab, args.max_length, args.device, dtype, seed)
     use_packed_attention(model)  # as jobs.train does: per-row attention unless flash/flex is in use
+    if args.compile:
+        from libs.model import compile_pointwise_blocks
+
+        compile_pointwise_blocks(model)
     model.train()
     opt = make_optimizer(model, args.device)
     plan = plan_epoch(rows.lengths, args.batch_max_len, num_ranks=1, seed=seed, epoch=0)
@@ -314,6 +318,8 @@ def main() -> int:
     ap.add_argument("--sdpa-backends", default="raychat",
                     help="CUDA attention kernels of the packed step: 'raychat' (libs.packing.PACKED_SDPA_BACKENDS), "
                          "'torch' (torch's own choice, cuDNN included) or a comma list of SDPBackend names")
+    ap.add_argument("--varlen", action="store_true", help="CUDA: all rows of a pack in one flash varlen call (libs.packing.PACKED_VARLEN_FLASH)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the norms and MLPs (libs.model.compile_pointwise_blocks)")
     ap.add_argument("--profile", type=int, default=0, help="profile this many steps after the warm-up and print the top operators")
     ap.add_argument("--no-baseline", action="store_true", help="skip the HF Trainer baseline (e.g. no accelerate installed)")
     args = ap.parse_args()
@@ -322,6 +328,10 @@ def main() -> int:
         import libs.packing
 
         libs.packing.PACKED_SDPA_BACKENDS = None if args.sdpa_backends == "torch" else tuple(args.sdpa_backends.split(","))
+    if args.varlen:
+        import libs.packing
+
+        libs.packing.PACKED_VARLEN_FLASH = True
     if args.warmup_steps is None:
         args.warmup_steps = 2 if args.device == "cuda" else 0
     args.vocab = 32002
@@ -332,7 +342,7 @@ def main() -> int:
     print(f"{len(lens)} rows ({'synthetic' if args.synthetic else 'ShareGPT V3'}): tokens {lens.sum():,}, supervised {rows.supervised:,}, "
           f"length median {int(np.median(lens))} / p90 {int(np.percentile(lens, 90))} / max {lens.max()} "
           f"(prepared in {time.perf_counter() - t:.1f}s); {args.model} model on {args.device} ({args.dtype}, attention kernels: "
-          f"{args.sdpa_backends}), "
+          f"{args.sdpa_backends}{', varlen flash' if args.varlen else ''}{', compiled norms/MLPs' if args.compile else ''}), "
           f"{torch.get_num_threads()} threads", flush=True)
 
     packed, base = [], []

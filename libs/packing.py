@@ -312,6 +312,20 @@ PACKED_SDPA = "raychat_packed_sdpa"
 PACKED_SDPA_BACKENDS: tuple[str, ...] | None = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 
+#: On CUDA, run all rows of a pack in one flash-attention varlen call (``cu_seqlens``, as
+#: flash-attn's ``flash_attn_varlen_func`` does) instead of one SDPA call per row: no per-row
+#: slicing, concatenation or launches. Rows longer than a sliding window use the per-row path.
+PACKED_VARLEN_FLASH: bool = False
+
+
+def _varlen_flash_attention(query, key, value, cu_seq_lens: torch.Tensor, max_len: int, scaling: float | None):
+    """Causal flash attention over a pack's rows in one kernel; ``[1, T, heads, head_dim]`` out."""
+    cu = cu_seq_lens.to(device=query.device, dtype=torch.int32)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, head_dim]; GQA as is
+    out = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scaling)[0]
+    return out.unsqueeze(0)
+
+
 def _sdpa_backend_scope(device: torch.device):
     """The ``sdpa_kernel`` scope of :data:`PACKED_SDPA_BACKENDS` on CUDA; no scope elsewhere."""
     import contextlib
@@ -368,6 +382,9 @@ def packed_sdpa_attention(
     if query.shape[0] != 1:
         raise ValueError(f"a pack is one sequence (batch 1), got batch {query.shape[0]}")
     bounds = cu_seq_lens_q.tolist()
+    max_len = max(end - start for start, end in zip(bounds[:-1], bounds[1:]))
+    if PACKED_VARLEN_FLASH and query.is_cuda and dropout == 0.0 and (sliding_window is None or max_len <= sliding_window):
+        return _varlen_flash_attention(query, key, value, cu_seq_lens_q, max_len, scaling), None
     outs = []
     with _sdpa_backend_scope(query.device):  # the backward pass runs the kernel the forward chose
         for start, end in zip(bounds[:-1], bounds[1:]):

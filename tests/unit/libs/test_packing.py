@@ -465,10 +465,13 @@ def test_checkpoint_of_a_per_row_attention_model_loads_with_plain_transformers(t
 
 
 @pytest.mark.gpu
-def test_per_row_attention_on_gpu_in_bf16_matches_rows_alone(tiny_model_dir):
+@pytest.mark.parametrize("varlen", [False, True], ids=["per-row-sdpa", "varlen-flash"])
+def test_per_row_attention_on_gpu_in_bf16_matches_rows_alone(tiny_model_dir, varlen, monkeypatch):
+    import libs.packing
     from libs.model import load_causal_lm
     from libs.packing import use_packed_attention
 
+    monkeypatch.setattr(libs.packing, "PACKED_VARLEN_FLASH", varlen)
     model, _ = load_causal_lm(tiny_model_dir, dtype=torch.bfloat16)
     model = model.cuda().eval()
     rows_ids, rows_w = three_rows()
@@ -477,3 +480,28 @@ def test_per_row_attention_on_gpu_in_bf16_matches_rows_alone(tiny_model_dir):
         use_packed_attention(model)
         logits = packed_forward(model, pack(rows_ids, rows_w))[0].float()
     torch.testing.assert_close(logits, alone, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+def test_varlen_flash_gradients_match_per_row_sdpa(tiny_model_dir, monkeypatch):
+    """One varlen kernel for the whole pack trains exactly like one SDPA call per row."""
+    import libs.packing
+    from libs.model import load_causal_lm
+    from libs.packing import use_packed_attention
+    from libs.training import forward_packed_ce
+
+    model, _ = load_causal_lm(tiny_model_dir, dtype=torch.float32)
+    model = model.cuda().to(torch.bfloat16)
+    use_packed_attention(model)
+    packed = pack(*three_rows())
+    grads = {}
+    for varlen in (False, True):
+        monkeypatch.setattr(libs.packing, "PACKED_VARLEN_FLASH", varlen)
+        model.zero_grad(set_to_none=True)
+        parts = forward_packed_ce(model, packed)
+        parts.loss_sum.backward()
+        grads[varlen] = (parts.loss_sum.detach().float(), [p.grad.float().clone() for p in model.parameters()])
+    torch.testing.assert_close(grads[True][0], grads[False][0], atol=2e-2, rtol=1e-2)
+    for a, b in zip(grads[True][1], grads[False][1]):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=5e-2)
+
