@@ -41,7 +41,7 @@ def build_parser(model: type[BaseModel], prog: str | None = None, description: s
     for name, field in model.model_fields.items():
         flag = "--" + name.replace("_", "-")
         default = "required" if field.is_required() else f"default: {field.get_default(call_default_factory=True)!r}"
-        help_text = f"{field.description} ({default})"
+        help_text = f"{field.description} ({default})".replace("%", "%%")  # argparse %-formats help
         if _is_bool(field.annotation):
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:

@@ -13,6 +13,19 @@ def test_every_config_field_has_a_description_and_a_flag(model):
         assert name in flags
 
 
+@pytest.mark.parametrize("model", [PretokenizeConfig, TrainConfig, ServeConfig, PipelineConfig])
+def test_help_prints_every_flag(model, capsys):
+    """argparse %-formats help text: a description with '%' (e.g. '~30% more compute') must not break --help."""
+    with pytest.raises(SystemExit) as e:
+        parse_config(model, ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in model.model_fields:
+        assert "--" + name.replace("_", "-") in out
+    if model is TrainConfig:
+        assert "~30% more compute" in out
+
+
 def test_yaml_config_then_flags_override(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("data: /d\noutput: /o\nepochs: 4\nuse_gpu: true\n")
