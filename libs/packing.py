@@ -421,7 +421,8 @@ def use_packed_attention(model) -> str:
     if _uses_varlen_kernel(getattr(model.config, "_attn_implementation", None)):
         return model.config._attn_implementation
     if PACKED_SDPA not in AttentionInterface._global_mapping:
-        AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+        # Never traced by torch.compile (libs.model.compile_blocks): it reads row bounds on the host.
+        AttentionInterface.register(PACKED_SDPA, torch.compiler.disable(packed_sdpa_attention))
     model.set_attn_implementation(PACKED_SDPA)
     return PACKED_SDPA
 

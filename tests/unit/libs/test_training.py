@@ -45,8 +45,10 @@ def test_lora_with_zero3_is_refused_naming_the_fields():
 
 def test_compile_blocks_with_zero3_is_refused_naming_the_fields():
     with pytest.raises(ValueError, match="compile_blocks with zero_stage 3"):
-        TrainConfig(data="d", output="o", zero_stage=3, compile_blocks=True)
-    assert TrainConfig(data="d", output="o", compile_blocks=True).compile_blocks
+        TrainConfig(data="d", output="o", zero_stage=3, compile_blocks="layers")
+    assert TrainConfig(data="d", output="o", compile_blocks="norms-mlps").compile_blocks == "norms-mlps"
+    with pytest.raises(ValueError, match="compile_blocks"):
+        TrainConfig(data="d", output="o", compile_blocks="everything")
 
 
 def test_training_steps_reduce_weighted_loss_on_tiny_model(tiny_model_dir, tokenizer):
