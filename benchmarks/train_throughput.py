@@ -168,6 +168,8 @@ def run_packed(rows: Rows, args, seed: int) -> dict:
         opt.zero_grad(set_to_none=True)
     if args.profile:
         profile_steps(model, opt, rows, steps[: args.profile], args.device)
+    lengths = rows.lengths.tolist()
+    attn_len = attention_length([lengths[i] for idx in steps for i in idx])
     _sync(args.device)
     t0 = time.perf_counter()
     for idx in steps:
@@ -182,12 +184,14 @@ def run_packed(rows: Rows, args, seed: int) -> dict:
     _sync(args.device)
     wall = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
+    matmul_params = n_params - model.get_input_embeddings().weight.numel()  # the input embedding is a lookup
     del model, opt
     gc.collect()
     return {"wall": wall, "steps": len(steps), "tokens": real, "supervised": supervised,
             "supervised_per_s": supervised / wall, "tokens_per_s": real / wall,
             "efficiency": real / (len(steps) * args.batch_max_len), "plan_efficiency": plan.efficiency,
-            "left_out": plan.left_out, "params": n_params}
+            "left_out": plan.left_out, "params": n_params, "matmul_params": matmul_params,
+            "attn_len": attn_len}
 
 
 def profile_steps(model, opt, rows: Rows, steps: list, device: str) -> None:
@@ -297,9 +301,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def mfu(params: int, tokens_per_s: float, n_layers: int, hidden: int, seq: int, peak_tflops: float) -> float:
-    """Model FLOPs utilisation: (6·N + 12·L·H·T_attn) FLOPs per token (PaLM's estimate) over the peak."""
-    flops_per_token = 6 * params + 12 * n_layers * hidden * seq
+def attention_length(row_lengths: list[int]) -> float:
+    """Σℓᵢ² / Σℓᵢ: the row length an average token of packed rows attends over (see :func:`mfu`)."""
+    return sum(n * n for n in row_lengths) / max(sum(row_lengths), 1)
+
+
+def mfu(matmul_params: int, tokens_per_s: float, n_layers: int, hidden: int, attn_len: float, peak_tflops: float) -> float:
+    """Model FLOPs utilisation: model FLOPs per second over the GPU's peak.
+
+    Per token (PaLM's estimate, appendix B): 6 FLOPs per weight of a matrix product (2 forward, 4
+    backward) — every weight but the input embedding, which is a lookup; the LM head is counted at
+    every position, although the fused loss runs it only where the next token has a weight — plus
+    12·L·H·ℓ for attention, ℓ the length a token attends over. In a pack a token attends within its
+    own row, so ℓ is the token-weighted row length Σℓᵢ² / Σℓᵢ of the rows trained on.
+    """
+    flops_per_token = 6 * matmul_params + 12 * n_layers * hidden * attn_len
     return tokens_per_s * flops_per_token / (peak_tflops * 1e12)
 
 
@@ -380,10 +396,12 @@ def main() -> int:
         from transformers import MistralConfig  # noqa: F401
 
         hidden, layers = (2048, 16) if args.model == "1b" else (64, 2)
-        u = mfu(packed[0]["params"], pk["tokens_per_s"], layers, hidden, int(np.mean(lens)), args.peak_tflops)
+        u = statistics.median(mfu(x["matmul_params"], x["tokens_per_s"], layers, hidden, x["attn_len"], args.peak_tflops)
+                              for x in packed)
         step_ms = statistics.median(x["wall"] / x["steps"] for x in packed) * 1e3
         print(f"MFU {u:.1%} of {args.peak_tflops:.0f} TFLOP/s ({u * args.peak_tflops:.0f} TFLOP/s of model FLOPs; "
               f"{packed[0]['params'] / 1e9:.2f}B parameters, {step_ms:.0f} ms per {args.batch_max_len}-token step, "
+              f"attention over {statistics.median(x['attn_len'] for x in packed):.0f} tokens, "
               f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB) "
               f"-> {'MET' if u >= 0.45 else 'NOT MET'} (target ≥ 45% for the ~1B model in bf16)")
     return 0
