@@ -165,4 +165,3 @@ def compile_blocks(model, scope: str = "norms-mlps", backend: str = "inductor") 
 def _final_norm(model):
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     return getattr(decoder, "norm", None)
-

@@ -315,10 +315,31 @@ PACKED_SDPA_BACKENDS: tuple[str, ...] | None = ("FLASH_ATTENTION", "EFFICIENT_AT
 
 #: On CUDA, run all rows of a pack in one flash-attention varlen call (``cu_seqlens``, as
 #: flash-attn's ``flash_attn_varlen_func`` does) instead of one SDPA call per row: no per-row
-#: slicing, concatenation or launches. Rows longer than a sliding window use the per-row path.
+#: slicing, concatenation or launches. Rows longer than a sliding window, fp32 models and GPUs
+#: the flash kernel does not run on (see :func:`varlen_flash_supported`) use the per-row path.
 #: Measured on an H200 (0.85B Mistral, bf16, 16k-token packs): 250 ms per step against 287 ms
 #: per row; logits and gradients match the per-row path (the ``gpu`` tests of test_packing.py).
 PACKED_VARLEN_FLASH: bool = True
+
+
+def varlen_flash_supported(device_type: str, dtype: torch.dtype, head_dim: int, capability: tuple[int, int] | None) -> bool:
+    """Whether PyTorch's flash kernel takes these inputs: CUDA, fp16/bf16, head_dim a multiple of 8
+    up to 256, an Ampere or newer GPU (``capability`` ≥ (8, 0))."""
+    return (
+        device_type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and head_dim % 8 == 0
+        and head_dim <= 256
+        and capability is not None
+        and capability >= (8, 0)
+    )
+
+
+def _use_varlen_flash(query: torch.Tensor) -> bool:
+    if not PACKED_VARLEN_FLASH or not query.is_cuda:
+        return False
+    capability = torch.cuda.get_device_capability(query.device)
+    return varlen_flash_supported(query.device.type, query.dtype, query.shape[-1], capability)
 
 
 def _varlen_flash_attention(query, key, value, cu_seq_lens: torch.Tensor, max_len: int, scaling: float | None):
@@ -386,7 +407,7 @@ def packed_sdpa_attention(
         raise ValueError(f"a pack is one sequence (batch 1), got batch {query.shape[0]}")
     bounds = cu_seq_lens_q.tolist()
     max_len = max(end - start for start, end in zip(bounds[:-1], bounds[1:]))
-    if PACKED_VARLEN_FLASH and query.is_cuda and dropout == 0.0 and (sliding_window is None or max_len <= sliding_window):
+    if dropout == 0.0 and (sliding_window is None or max_len <= sliding_window) and _use_varlen_flash(query):
         return _varlen_flash_attention(query, key, value, cu_seq_lens_q, max_len, scaling), None
     outs = []
     with _sdpa_backend_scope(query.device):  # the backward pass runs the kernel the forward chose
