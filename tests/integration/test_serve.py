@@ -52,6 +52,13 @@ def http(url: str, body: bytes | None = None, headers: dict | None = None) -> tu
 
 
 MSG = [{"role": "user", "content": "Name three colours."}]
+# A request that stays in flight for seconds (for timeouts and killed engines): decoded greedily,
+# so it cannot end early. From this prompt the tiny model's greedy path runs all 2000 tokens
+# without a stop id (2.4 s in a quiet process on one thread; it fills the 2048-token context).
+# Sampled at temperature 1 a request may stop early, and did in CI: the dead-engine test once found
+# its 1000-token request already finished after a second.
+LONG_PROMPT = [500 + i for i in range(48)]
+LONG_MAX_TOKENS = 2000
 
 
 def test_models_lists_the_model_and_where_it_came_from(api, tiny_model_dir):
@@ -239,13 +246,12 @@ def test_request_over_request_timeout_is_cancelled_with_504_and_not_retried(serv
 
     url = deploy(serve_port, f"deadline-{layout}", checkpoint=str(tiny_model_dir), model_id="tiny", allow_no_auth=True,
                  num_replicas=1, num_cpus=0.25, max_batch_size=1, request_timeout_s=1, layout=layout)
-    # 1000 tokens after a 1000-token prompt take several seconds here; the official client's default
-    # retries are on. One request runs at a time, so a generation left running would hold up the next ones.
-    long_prompt = [100 + i % 1000 for i in range(1000)]
+    # A long greedy generation (LONG_PROMPT); the official client's default retries are on. One
+    # request runs at a time, so a generation left running would hold up the next ones.
     c = openai.OpenAI(base_url=url, api_key="unused", max_retries=2, timeout=60)
     t = time.perf_counter()
     with pytest.raises(openai.APIStatusError) as e:
-        c.completions.create(model="tiny", prompt=long_prompt, max_tokens=1000)
+        c.completions.create(model="tiny", prompt=LONG_PROMPT, max_tokens=LONG_MAX_TOKENS, temperature=0)
     dt = time.perf_counter() - t
     assert e.value.status_code == 504 and e.value.body["code"] == "timeout" and "request_timeout_s" in e.value.body["message"]
     assert 1.0 <= dt < 2.5  # answered at the deadline, and not retried (x-should-retry: false)
@@ -261,7 +267,7 @@ def test_request_over_request_timeout_is_cancelled_with_504_and_not_retried(serv
     slot_is_free()
     text = []
     with pytest.raises(openai.APIError) as e:
-        for ch in c.completions.create(model="tiny", prompt=long_prompt, max_tokens=1000, stream=True):
+        for ch in c.completions.create(model="tiny", prompt=LONG_PROMPT, max_tokens=LONG_MAX_TOKENS, temperature=0, stream=True):
             text.append(ch.choices[0].text)
     assert e.value.body["code"] == "timeout" and "".join(text)  # text up to the deadline, then the error event
     slot_is_free()
@@ -508,9 +514,8 @@ def test_a_dead_engine_process_fails_its_requests_with_503_and_serve_replaces_th
                  health_check_period_s=1)
     (child,) = _engine_processes() - before
     c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
-    long_prompt = [100 + i % 1000 for i in range(1000)]  # 1000 tokens after it take several seconds here
     with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(c.completions.create, model="tiny", prompt=long_prompt, max_tokens=1000)
+        pending = pool.submit(c.completions.create, model="tiny", prompt=LONG_PROMPT, max_tokens=LONG_MAX_TOKENS, temperature=0)
         time.sleep(1.0)
         assert not pending.done()
         os.kill(child, signal.SIGKILL)
