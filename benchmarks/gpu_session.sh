@@ -8,9 +8,10 @@
 #                bash benchmarks/gpu_session.sh train-layers  (the same with whole decoder layers compiled)
 #                bash benchmarks/gpu_session.sh upload    (step time during a checkpoint upload, ≤ 1.1×)
 #                bash benchmarks/gpu_session.sh serve     (engine batching vs sequential at 0.85B)
-#                bash benchmarks/gpu_session.sh all       (the four in turn: only with 10 minutes to spare)
+#                bash benchmarks/gpu_session.sh all       (every part in turn: only with 10 minutes to spare)
 #
-# Knobs (environment): BATCH_MAX_LEN (train, 16384), TRAIN_ARGS (more train_throughput.py options, e.g. --attention per-row), UPLOAD_BLOCKS (upload, 3), SERVE_REPEATS (serve, 3).
+# Knobs (environment): BATCH_MAX_LEN (train, 16384), TRAIN_ARGS (more train_throughput.py options, e.g. --attention per-row), UPLOAD_BLOCKS (upload, 3), SERVE_REPEATS (serve, 3),
+# SERVE_ARGS (more serve_load.py options, e.g. --sdpa-backends no-cudnn).
 # Each part prints the GPU first and writes its log to $OUT/<part>.log (the device tool brings
 # $OUT back) or to ./gpu-logs/ elsewhere. tests/benchmarks/test_gpu_box.py runs the same scripts on
 # the CPU without those packages, so a missing import shows up in CI, not on the lent machine.
@@ -42,7 +43,7 @@ run_part() {
         train) part train "${PY[@]}" benchmarks/train_throughput.py --synthetic --device "$DEVICE" --model "$MODEL" --no-baseline --repeats 3 --max-steps 10 --batch-max-len "${BATCH_MAX_LEN:-16384}" --compile norms-mlps ${TRAIN_ARGS:-} ;;
         train-layers) part train-layers "${PY[@]}" benchmarks/train_throughput.py --synthetic --device "$DEVICE" --model "$MODEL" --no-baseline --repeats 3 --max-steps 10 --batch-max-len "${BATCH_MAX_LEN:-16384}" --compile layers ${TRAIN_ARGS:-} ;;
         upload) part upload "${PY[@]}" benchmarks/checkpoint_upload.py --device "$DEVICE" --model "$MODEL" --dest /tmp/raychat-sink --blocks "${UPLOAD_BLOCKS:-3}" ;;
-        serve) part serve "${PY[@]}" benchmarks/serve_load.py --engine-only --device "$DEVICE" --model "$MODEL" --concurrency 1,4,16,64 --repeats "${SERVE_REPEATS:-3}" ;;
+        serve) part serve "${PY[@]}" benchmarks/serve_load.py --engine-only --device "$DEVICE" --model "$MODEL" --concurrency 1,4,16,64 --repeats "${SERVE_REPEATS:-3}" ${SERVE_ARGS:-} ;;
         *) echo "usage: $0 tests|train|train-layers|upload|serve|all" >&2; return 2 ;;
     esac
 }
