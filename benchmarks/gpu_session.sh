@@ -37,11 +37,16 @@ part() {
 
 gpu_test_files() { grep -rlE 'pytest\.mark\.gpu' tests --include='test_*.py' | sort; }
 
+train_part() {  # name, compile scope
+    part "$1" "${PY[@]}" benchmarks/train_throughput.py --synthetic --device "$DEVICE" --model "$MODEL" --no-baseline \
+        --repeats 3 --max-steps 10 --batch-max-len "${BATCH_MAX_LEN:-16384}" --compile "$2" ${TRAIN_ARGS:-}
+}
+
 run_part() {
     case $1 in
         tests) part tests "${PY[@]}" -m pytest -q -p no:cacheprovider -m gpu -rs $(gpu_test_files) ;;
-        train) part train "${PY[@]}" benchmarks/train_throughput.py --synthetic --device "$DEVICE" --model "$MODEL" --no-baseline --repeats 3 --max-steps 10 --batch-max-len "${BATCH_MAX_LEN:-16384}" --compile norms-mlps ${TRAIN_ARGS:-} ;;
-        train-layers) part train-layers "${PY[@]}" benchmarks/train_throughput.py --synthetic --device "$DEVICE" --model "$MODEL" --no-baseline --repeats 3 --max-steps 10 --batch-max-len "${BATCH_MAX_LEN:-16384}" --compile layers ${TRAIN_ARGS:-} ;;
+        train) train_part train norms-mlps ;;
+        train-layers) train_part train-layers layers ;;
         upload) part upload "${PY[@]}" benchmarks/checkpoint_upload.py --device "$DEVICE" --model "$MODEL" --dest /tmp/raychat-sink --blocks "${UPLOAD_BLOCKS:-3}" ;;
         serve) part serve "${PY[@]}" benchmarks/serve_load.py --engine-only --device "$DEVICE" --model "$MODEL" --concurrency 1,4,16,64 --repeats "${SERVE_REPEATS:-3}" ${SERVE_ARGS:-} ;;
         *) echo "usage: $0 tests|train|train-layers|upload|serve|all" >&2; return 2 ;;

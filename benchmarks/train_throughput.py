@@ -141,8 +141,7 @@ def _has_flash_attn() -> bool:
 
 def run_packed(rows: Rows, args, seed: int) -> dict:
     """One epoch of raychat's packed step; returns tokens/s and packing figures."""
-    from libs.packing import pack, plan_epoch, use_packed_attention
-    from libs.training import forward_packed_ce
+    from libs.packing import plan_epoch, use_packed_attention
 
     dtype = getattr(torch, args.dtype)
     model = build_model(args.model, args.vocab, args.max_length, args.device, dtype, seed)
@@ -161,11 +160,7 @@ def run_packed(rows: Rows, args, seed: int) -> dict:
     if not steps:
         raise SystemExit(f"--warmup-steps {args.warmup_steps} leaves no step to time (epoch or --max-steps too short)")
     for idx in warm:
-        packed = pack([rows.input_ids[i] for i in idx], [rows.weights[i] for i in idx])
-        parts = forward_packed_ce(model, packed)
-        (parts.loss_sum / parts.weight_sum.clamp_min(1e-8)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        packed_step(model, opt, rows, idx)
     if args.profile:
         profile_steps(model, opt, rows, steps[: args.profile], args.device)
     lengths = rows.lengths.tolist()
@@ -173,12 +168,7 @@ def run_packed(rows: Rows, args, seed: int) -> dict:
     _sync(args.device)
     t0 = time.perf_counter()
     for idx in steps:
-        packed = pack([rows.input_ids[i] for i in idx], [rows.weights[i] for i in idx])
-        parts = forward_packed_ce(model, packed)  # the job's packed forward + C-RLFT sums
-        (parts.loss_sum / parts.weight_sum.clamp_min(1e-8)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        packed = packed_step(model, opt, rows, idx)
         real += int(packed["input_ids"].numel())
         supervised += int((packed["weights"] > 0).sum())
     _sync(args.device)
@@ -194,23 +184,30 @@ def run_packed(rows: Rows, args, seed: int) -> dict:
             "attn_len": attn_len}
 
 
+def packed_step(model, opt, rows: Rows, idx: list[int]) -> dict:
+    """One optimizer step of raychat's packed C-RLFT step on rows ``idx``; returns the pack."""
+    from libs.packing import pack
+    from libs.training import forward_packed_ce
+
+    packed = pack([rows.input_ids[i] for i in idx], [rows.weights[i] for i in idx])
+    parts = forward_packed_ce(model, packed)  # the job's packed forward + C-RLFT sums
+    (parts.loss_sum / parts.weight_sum.clamp_min(1e-8)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return packed
+
+
 def profile_steps(model, opt, rows: Rows, steps: list, device: str) -> None:
     """Prints the operators that took the most time over ``steps`` (untimed, before the timed steps)."""
     from torch.profiler import ProfilerActivity, profile
-
-    from libs.packing import pack
-    from libs.training import forward_packed_ce
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     _sync(device)
     t0 = time.perf_counter()
     with profile(activities=activities) as prof:
         for idx in steps:
-            packed = pack([rows.input_ids[i] for i in idx], [rows.weights[i] for i in idx])
-            parts = forward_packed_ce(model, packed)
-            (parts.loss_sum / parts.weight_sum.clamp_min(1e-8)).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            packed_step(model, opt, rows, idx)
         _sync(device)
     print(f"  profile of {len(steps)} steps ({time.perf_counter() - t0:.2f}s with the profiler on):", flush=True)
     sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"

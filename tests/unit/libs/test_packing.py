@@ -506,7 +506,6 @@ def test_varlen_flash_gradients_match_per_row_sdpa(tiny_model_dir, monkeypatch):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=5e-2)
 
 
-
 @pytest.mark.parametrize(("device", "dtype", "head_dim", "capability", "ok"), [
     ("cuda", torch.bfloat16, 128, (9, 0), True),  # H100 / H200
     ("cuda", torch.float16, 64, (8, 0), True),  # A100
