@@ -104,16 +104,20 @@ def synthetic_rows(n: int, max_length: int, vocab: int, seed: int = 0) -> Rows:
     return Rows(ids, weights)
 
 
-def build_model(size: str, vocab: int, max_len: int, device: str, dtype: torch.dtype, seed: int):
+def build_model(size: str, vocab: int, max_len: int, device: str, dtype: torch.dtype, seed: int, head_dim: int = 64):
     from transformers import MistralConfig, MistralForCausalLM
 
     from libs.model import tiny_mistral_config
 
     if size == "tiny":
         config = tiny_mistral_config(vocab_size=vocab, max_position_embeddings=max(2048, max_len))
-    else:  # 0.85B parameters (Mistral shape: hidden 2048, 16 layers, MLP 5632, GQA 32/8, 32k vocab)
+    else:  # 0.85B parameters (Mistral shape: hidden 2048, 16 layers, MLP 5632, GQA 4:1, 32k vocab).
+        # Heads of 64 (32 query / 8 key-value) or of 128 as in every Mistral release (16 / 4): the
+        # same weights and FLOPs either way, only the attention kernels' shapes differ.
+        heads = 2048 // head_dim
         config = MistralConfig(vocab_size=vocab, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-                               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=max(4096, max_len),
+                               num_attention_heads=heads, num_key_value_heads=heads // 4, head_dim=head_dim,
+                               max_position_embeddings=max(4096, max_len),
                                sliding_window=None, tie_word_embeddings=False)
     if device == "cuda":
         config._attn_implementation = "flash_attention_2" if _has_flash_attn() else "sdpa"
@@ -144,7 +148,7 @@ def run_packed(rows: Rows, args, seed: int) -> dict:
     from libs.packing import plan_epoch, use_packed_attention
 
     dtype = getattr(torch, args.dtype)
-    model = build_model(args.model, args.vocab, args.max_length, args.device, dtype, seed)
+    model = build_model(args.model, args.vocab, args.max_length, args.device, dtype, seed, args.head_dim)
     use_packed_attention(model)  # as jobs.train does: per-row attention unless flash/flex is in use
     if args.compile:
         from libs.model import compile_blocks
@@ -252,7 +256,7 @@ def run_trainer(rows: Rows, args, seed: int, used: list[int]) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     dtype = getattr(torch, args.dtype)
-    model = build_model(args.model, args.vocab, args.max_length, args.device, dtype, seed)
+    model = build_model(args.model, args.vocab, args.max_length, args.device, dtype, seed, args.head_dim)
     counts = {"padded": 0, "real": 0, "supervised": 0}
     collate = _pad_collate(pad_id=args.vocab - 1)
 
@@ -327,6 +331,10 @@ def main() -> int:
     ap.add_argument("--warmup-steps", type=int, default=None, help="raychat's untimed first steps (default: 2 on CUDA, 0 on CPU)")
     ap.add_argument("--synthetic", action="store_true", help="log-normal ShareGPT-like lengths, no dataset needed")
     ap.add_argument("--model", choices=["tiny", "1b"], default="tiny", help="tiny: the embedded test model; 1b: a 0.85B Mistral")
+    ap.add_argument("--head-dim", type=int, choices=[64, 128], default=64,
+                    help="1b model's attention head size: 64 (32/8 heads) or 128 (16/4, as in Mistral-7B); same parameters")
+    ap.add_argument("--ce", choices=["compiled", "eager"], default="compiled",
+                    help="fused cross-entropy chunks: compiled on CUDA (raychat's default) or eager")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense peak for MFU (H100 SXM bf16: 989)")
@@ -346,6 +354,9 @@ def main() -> int:
     if args.sdpa_backends != "raychat":
         libs.packing.PACKED_SDPA_BACKENDS = None if args.sdpa_backends == "torch" else tuple(args.sdpa_backends.split(","))
     libs.packing.PACKED_VARLEN_FLASH = args.attention == "varlen"
+    import libs.loss
+
+    libs.loss.COMPILE_CE_CHUNKS_ON_CUDA = args.ce == "compiled"
     if args.warmup_steps is None:
         args.warmup_steps = 2 if args.device == "cuda" else 0
     args.vocab = 32002
@@ -356,7 +367,8 @@ def main() -> int:
     print(f"{len(lens)} rows ({'synthetic' if args.synthetic else 'ShareGPT V3'}): tokens {lens.sum():,}, supervised {rows.supervised:,}, "
           f"length median {int(np.median(lens))} / p90 {int(np.percentile(lens, 90))} / max {lens.max()} "
           f"(prepared in {time.perf_counter() - t:.1f}s); {args.model} model on {args.device} ({args.dtype}, attention kernels: "
-          f"{args.sdpa_backends}{', ' + args.attention if args.device == 'cuda' else ''}{', compiled ' + args.compile if args.compile else ''}), "
+          f"{args.sdpa_backends}{', ' + args.attention if args.device == 'cuda' else ''}{', compiled ' + args.compile if args.compile else ''}"
+          f"{', CE ' + args.ce if args.device == 'cuda' else ''}{', heads of %d' % args.head_dim if args.model == '1b' else ''}), "
           f"{torch.get_num_threads()} threads", flush=True)
 
     packed, base = [], []

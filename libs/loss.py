@@ -84,43 +84,74 @@ def crlft_loss(parts: WeightedCE, global_weight_sum: torch.Tensor | float, world
     return parts.loss_sum * world_size / denom
 
 
+def _ce_chunk(logits: torch.Tensor, t: torch.Tensor, wc: torch.Tensor, need_grad: bool):
+    """One chunk of :class:`_LinearWeightedCE`: Σ w·CE, Σ w·[argmax == t] and, with ``need_grad``,
+    the logits' gradient ``w · (softmax - onehot)`` in the logits' dtype (``None`` otherwise).
+
+    ``logits`` are ``[rows, vocab]`` in the model's dtype; the arithmetic is fp32. Eager, the fp32
+    copy becomes the softmax and then the gradient in place; compiled (:func:`_compiled_ce_chunk`),
+    it all fuses into a few passes over the low-precision logits.
+    """
+    x = logits.float()
+    rows = torch.arange(x.shape[0], device=x.device)
+    target_logit = x[rows, t]
+    top, arg = x.max(-1)
+    probs = x.sub_(top[:, None]).exp_()
+    total = probs.sum(-1)
+    loss = ((top + total.log() - target_logit) * wc).sum()
+    correct = ((arg == t).float() * wc).sum()
+    if not need_grad:
+        return loss, correct, None
+    dlogits = probs.div_(total[:, None])
+    dlogits[rows, t] -= 1
+    return loss, correct, dlogits.mul_(wc[:, None]).to(logits.dtype)
+
+
+_COMPILED_CE_CHUNK = None
+
+
+def _compiled_ce_chunk():
+    """:func:`_ce_chunk` through ``torch.compile`` (once per process; row count dynamic)."""
+    global _COMPILED_CE_CHUNK
+    if _COMPILED_CE_CHUNK is None:
+        _COMPILED_CE_CHUNK = torch.compile(_ce_chunk, dynamic=True)
+    return _COMPILED_CE_CHUNK
+
+
+#: Whether the fused cross-entropy compiles its per-chunk softmax and gradient on CUDA (the
+#: element-wise passes over each ``[chunk, vocab]`` block become a few fused kernels).
+COMPILE_CE_CHUNKS_ON_CUDA = True
+
+
 class _LinearWeightedCE(torch.autograd.Function):
     """Σ w·CE of ``hidden @ weight.T`` by row chunks, with its gradients worked out chunk by chunk.
 
-    The ``[n, vocab]`` logits are never whole: each chunk's logits become its softmax in place and
-    then its gradient (``w · (softmax - onehot)``), which is multiplied into the gradients of
+    The ``[n, vocab]`` logits are never whole: each chunk's logits give its gradient
+    (``w · (softmax - onehot)``, :func:`_ce_chunk`), which is multiplied into the gradients of
     ``hidden`` and ``weight`` before the next chunk. ``backward`` only scales them by the incoming
     gradient (the loss is a sum, so that is exact).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, w, chunk: int, with_grad: bool):
+    def forward(ctx, hidden, weight, targets, w, chunk: int, with_grad: bool, compiled: bool):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.float32, device=hidden.device)
         need_h, need_w = with_grad and ctx.needs_input_grad[0], with_grad and ctx.needs_input_grad[1]
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         w = w.float()
+        step = _compiled_ce_chunk() if compiled else _ce_chunk
         for start in range(0, hidden.shape[0], chunk):
             h, t, wc = hidden[start : start + chunk], targets[start : start + chunk], w[start : start + chunk]
-            logits = (h @ weight.T).float()
-            rows = torch.arange(h.shape[0], device=h.device)
-            target_logit = logits[rows, t]
-            top, arg = logits.max(-1)
-            probs = logits.sub_(top[:, None]).exp_()
-            total = probs.sum(-1)
-            loss += ((top + total.log() - target_logit) * wc).sum()
-            correct += ((arg == t).float() * wc).sum()
-            if need_h or need_w:
-                dlogits = probs.div_(total[:, None])
-                dlogits[rows, t] -= 1
-                dlogits.mul_(wc[:, None])
-                if need_h:
-                    grad_h[start : start + chunk] = dlogits.to(weight.dtype) @ weight
-                if need_w:
-                    # In the model's dtype (bf16 on a GPU: tensor cores, fp32 accumulation inside the
-                    # product), summed over chunks in fp32. An fp32 product here ran at fp32 speed.
-                    grad_w.add_(dlogits.to(h.dtype).T @ h)
+            loss_c, correct_c, dlogits = step(h @ weight.T, t, wc, need_h or need_w)
+            loss += loss_c
+            correct += correct_c
+            if need_h:
+                grad_h[start : start + chunk] = dlogits @ weight
+            if need_w:
+                # In the model's dtype (bf16 on a GPU: tensor cores, fp32 accumulation inside the
+                # product), summed over chunks in fp32. An fp32 product here ran at fp32 speed.
+                grad_w.add_(dlogits.T @ h)
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_h, grad_w)
         ctx.mark_non_differentiable(correct)
@@ -131,11 +162,16 @@ class _LinearWeightedCE(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         grad_h = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
         grad_w = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def linear_weighted_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, chunk: int | None = None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    chunk: int | None = None,
+    compiled: bool | None = None,
 ) -> WeightedCE:
     """:func:`weighted_cross_entropy_at` of the logits ``hidden @ weight.T``, without ever holding them.
 
@@ -151,9 +187,13 @@ def linear_weighted_cross_entropy(
         weights: ``[n]`` the weight of each target.
         chunk: Rows per chunk. Default: 256 on the CPU (a chunk's logits stay in cache), 4096 on
             an accelerator (fewer, larger matrix products; 4096 × 32k × 4 bytes = 512 MB).
+        compiled: Whether each chunk's softmax and gradient run through ``torch.compile``.
+            Default: on CUDA, per :data:`COMPILE_CE_CHUNKS_ON_CUDA`; eager elsewhere.
     """
     if chunk is None:
         chunk = 256 if hidden.device.type == "cpu" else 4096
+    if compiled is None:
+        compiled = hidden.device.type == "cuda" and COMPILE_CE_CHUNKS_ON_CUDA
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    loss_sum, correct = _LinearWeightedCE.apply(hidden, weight, targets, weights, chunk, with_grad)
+    loss_sum, correct = _LinearWeightedCE.apply(hidden, weight, targets, weights, chunk, with_grad, compiled)
     return WeightedCE(loss_sum, weights.float().sum().detach(), correct.detach())

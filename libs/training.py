@@ -146,7 +146,10 @@ def forward_packed_ce(model, packed: dict[str, torch.Tensor]) -> WeightedCE:
         hook.remove()
     (hidden,) = captured
     device = hidden.device
-    return linear_weighted_cross_entropy(hidden[keep.to(device)], head.weight, targets.to(device), weights.to(device))
+    # Kept positions as indices worked out where ``keep`` lives (the host, for a pack from
+    # libs.packing.pack): a boolean mask indexed on the GPU would wait for the whole forward pass.
+    rows = keep[0].nonzero().squeeze(1).to(device)
+    return linear_weighted_cross_entropy(hidden[0].index_select(0, rows), head.weight, targets.to(device), weights.to(device))
 
 
 #: Causal LMs whose logits are exactly ``lm_head(hidden)`` (no softcapping or logit scaling after
