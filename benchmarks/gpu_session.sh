@@ -11,7 +11,7 @@
 #                bash benchmarks/gpu_session.sh all       (every part in turn: only with 10 minutes to spare)
 #
 # Knobs (environment): BATCH_MAX_LEN (train, 16384), TRAIN_ARGS (more train_throughput.py options, e.g. --attention per-row), UPLOAD_BLOCKS (upload, 3), SERVE_REPEATS (serve, 3),
-# SERVE_ARGS (more serve_load.py options, e.g. --sdpa-backends no-cudnn).
+# SERVE_ARGS (more serve_load.py options, e.g. --sdpa-backends torch for torch's own attention kernels).
 # Each part prints the GPU first and writes its log to $OUT/<part>.log (the device tool brings
 # $OUT back) or to ./gpu-logs/ elsewhere. tests/benchmarks/test_gpu_box.py runs the same scripts on
 # the CPU without those packages, so a missing import shows up in CI, not on the lent machine.

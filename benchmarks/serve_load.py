@@ -254,20 +254,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", choices=["tiny", "1b"], default="tiny",
                     help="--engine-only without --checkpoint: a random-init tiny or 0.85B Mistral")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="--engine-only: default bfloat16 on cuda, else float32")
-    ap.add_argument("--sdpa-backends", choices=["torch", "no-cudnn"], default="torch",
-                    help="--engine-only: attention kernels of the engine's forward passes: torch's own choice, or "
-                         "libs.packing.PACKED_SDPA_BACKENDS (cuDNN left out: it plans anew for every sequence length, "
-                         "which cost training 4.6x on an H200; untried for decoding)")
+    ap.add_argument("--sdpa-backends", choices=["raychat", "torch"], default="raychat",
+                    help="--engine-only on CUDA: attention kernels of the engine's forward passes: raychat's "
+                         "(libs.packing.PACKED_SDPA_BACKENDS, cuDNN left out: it plans anew for every sequence length) "
+                         "or torch's own choice")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
     if args.engine_only:
-        if args.sdpa_backends == "no-cudnn":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
+        if args.sdpa_backends == "torch":
+            import libs.packing
 
-            from libs.packing import PACKED_SDPA_BACKENDS
-
-            with sdpa_kernel([getattr(SDPBackend, name) for name in PACKED_SDPA_BACKENDS]):
-                return engine_only(args, levels)
+            libs.packing.PACKED_SDPA_BACKENDS = None
         return engine_only(args, levels)
     arms = args.arms.split(",")
     modes = [m == "stream" for m in args.modes.split(",")]

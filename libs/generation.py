@@ -209,11 +209,17 @@ class ContinuousBatcher:
         carries its ``finish_reason``. Each running request gets at most one token per step: a newly
         admitted one its first (from the prefill), the others their next (from the decode).
         """
+        from libs.packing import sdpa_backend_scope
+
         self._drop_aborted()
         out: list[tuple[Hashable, StepToken]] = []
-        if self._rows:
-            out += self._decode()
-        out += self._admit()
+        # The training step's SDPA kernels (no cuDNN: it plans anew for every sequence length, and
+        # a decode step's key length grows by one each time). H200, 0.85B bf16: sequential decoding
+        # 80 -> 108 tok/s, batches of 32 2507 -> 3252 tok/s.
+        with sdpa_backend_scope(self.device):
+            if self._rows:
+                out += self._decode()
+            out += self._admit()
         return out
 
     def _drop_aborted(self) -> None:

@@ -342,15 +342,34 @@ def _use_varlen_flash(query: torch.Tensor) -> bool:
     return varlen_flash_supported(query.device.type, query.dtype, query.shape[-1], capability)
 
 
+def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t.to(device)`` for a pack's small host tensors without stalling a CUDA stream.
+
+    A plain copy from pageable host memory makes the host wait until the GPU has finished all the
+    work queued before it; from pinned memory with ``non_blocking`` the host goes on queueing
+    kernels (the pinned block is not reused before the copy has run). Measured on an H200: ~20
+    such waits a step (one per layer) before this.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _varlen_flash_attention(query, key, value, cu_seq_lens: torch.Tensor, max_len: int, scaling: float | None):
-    """Causal flash attention over a pack's rows in one kernel; ``[1, T, heads, head_dim]`` out."""
-    cu = cu_seq_lens.to(device=query.device, dtype=torch.int32)
+    """Causal flash attention over a pack's rows in one kernel; ``[1, T, heads, head_dim]`` out.
+
+    ``cu_seq_lens`` may already be on the query's device (:func:`packed_forward` copies it once
+    per forward pass); a host copy is moved here.
+    """
+    cu = cu_seq_lens if cu_seq_lens.device == query.device else host_to_device(cu_seq_lens, query.device)
+    cu = cu.to(torch.int32)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, head_dim]; GQA as is
     out = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scaling)[0]
     return out.unsqueeze(0)
 
 
-def _sdpa_backend_scope(device: torch.device):
+def sdpa_backend_scope(device: torch.device):
     """The ``sdpa_kernel`` scope of :data:`PACKED_SDPA_BACKENDS` on CUDA; no scope elsewhere."""
     import contextlib
 
@@ -383,6 +402,7 @@ def packed_sdpa_attention(
     scaling: float | None = None,
     sliding_window: int | None = None,
     cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Causal SDPA run separately on each row of a pack (an ``AttentionInterface`` function).
@@ -395,7 +415,8 @@ def packed_sdpa_attention(
     Row boundaries come from ``cu_seq_lens_q`` (the varlen kernels' keyword, which the model passes
     through to its attention); :func:`packed_forward` supplies it. Without it the call is refused:
     transformers builds no mask for this implementation, so a padded batch would silently attend
-    to padding.
+    to padding. ``cu_seq_lens_k``, when given, is the same boundaries already on the device (the
+    varlen kernel's copy; self-attention has the same rows for queries and keys).
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -408,9 +429,10 @@ def packed_sdpa_attention(
     bounds = cu_seq_lens_q.tolist()
     max_len = max(end - start for start, end in zip(bounds[:-1], bounds[1:]))
     if dropout == 0.0 and (sliding_window is None or max_len <= sliding_window) and _use_varlen_flash(query):
-        return _varlen_flash_attention(query, key, value, cu_seq_lens_q, max_len, scaling), None
+        cu = cu_seq_lens_k if cu_seq_lens_k is not None and cu_seq_lens_k.device == query.device else cu_seq_lens_q
+        return _varlen_flash_attention(query, key, value, cu, max_len, scaling), None
     outs = []
-    with _sdpa_backend_scope(query.device):  # the backward pass runs the kernel the forward chose
+    with sdpa_backend_scope(query.device):  # the backward pass runs the kernel the forward chose
         for start, end in zip(bounds[:-1], bounds[1:]):
             length = end - start
             mask = None
@@ -464,20 +486,23 @@ def packed_forward(model, packed: dict[str, torch.Tensor], logits_to_keep: torch
     inner = getattr(model, "module", model)
     config = inner.config
     device = inner.get_input_embeddings().weight.device
-    input_ids = packed["input_ids"].to(device)
-    position_ids = packed["position_ids"].to(device)
+    input_ids = host_to_device(packed["input_ids"], device)
+    position_ids = host_to_device(packed["position_ids"], device)
     kwargs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
     if logits_to_keep is not None:
         # As positions (1-D), which every transformers 5.x takes; a [batch, seq] bool mask is
         # taken only by later 5.x releases (5.17 fails on it). A pack is one row, so they agree.
         if logits_to_keep.dim() != 2 or logits_to_keep.size(0) != 1 or logits_to_keep.dtype != torch.bool:
             raise ValueError(f"logits_to_keep: a bool [1, T] mask; got {tuple(logits_to_keep.shape)} {logits_to_keep.dtype}")
-        kwargs["logits_to_keep"] = logits_to_keep[0].nonzero().squeeze(1).to(device)
+        kwargs["logits_to_keep"] = host_to_device(logits_to_keep[0].nonzero().squeeze(1), device)
     impl = getattr(config, "_attn_implementation", None)
     if impl == PACKED_SDPA:
         # Per-row SDPA (see use_packed_attention): row boundaries instead of a mask. They stay on
-        # the CPU: the attention reads them as Python ints, which needs no device sync.
-        out = model(**kwargs, cu_seq_lens_q=packed["cu_seqlens"])
+        # the CPU (the attention reads them as Python ints, which needs no device sync), and a
+        # device copy made once here serves every layer's varlen kernel on CUDA.
+        cu = packed["cu_seqlens"]
+        extra = {"cu_seq_lens_k": host_to_device(cu.to(torch.int32), device)} if torch.device(device).type == "cuda" else {}
+        out = model(**kwargs, cu_seq_lens_q=cu, **extra)
     elif _uses_varlen_kernel(impl):
         # GPU path (untested here, no GPU). With flash-attention, transformers sees that
         # position_ids restart (batch of 1) and calls the varlen kernel with cu_seqlens derived from

@@ -31,7 +31,7 @@ from libs.loss import (
     weighted_cross_entropy,
     weighted_cross_entropy_at,
 )
-from libs.packing import packed_forward
+from libs.packing import host_to_device, packed_forward
 
 if TYPE_CHECKING:  # pydantic is not needed to train a step: a GPU box may have torch and transformers only
     from libs.config import TrainConfig
@@ -148,8 +148,10 @@ def forward_packed_ce(model, packed: dict[str, torch.Tensor]) -> WeightedCE:
     device = hidden.device
     # Kept positions as indices worked out where ``keep`` lives (the host, for a pack from
     # libs.packing.pack): a boolean mask indexed on the GPU would wait for the whole forward pass.
-    rows = keep[0].nonzero().squeeze(1).to(device)
-    return linear_weighted_cross_entropy(hidden[0].index_select(0, rows), head.weight, targets.to(device), weights.to(device))
+    rows = host_to_device(keep[0].nonzero().squeeze(1), device)
+    return linear_weighted_cross_entropy(
+        hidden[0].index_select(0, rows), head.weight, host_to_device(targets, device), host_to_device(weights, device)
+    )
 
 
 #: Causal LMs whose logits are exactly ``lm_head(hidden)`` (no softcapping or logit scaling after

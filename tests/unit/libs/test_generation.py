@@ -226,3 +226,34 @@ def test_continuous_batching_on_cuda_joins_and_leaves_like_on_cpu(model_and_tok)
     gpu.submit(2, PROMPTS[2], GREEDY)
     drain(gpu, outs, finish)
     assert [outs[i] for i in range(3)] == cpu
+
+
+def test_each_step_runs_inside_the_sdpa_kernel_scope_of_its_device(model_and_tok, monkeypatch):
+    """Prefill and decode run under libs.packing.sdpa_backend_scope (on CUDA: no cuDNN attention)."""
+    import contextlib
+
+    import torch
+
+    import libs.packing
+
+    model, _ = model_and_tok
+    entered, calls = [], []
+    real_forward = model.forward
+
+    @contextlib.contextmanager
+    def spy_scope(device):
+        entered.append(device)
+        yield
+
+    def spy_forward(*a, **k):
+        calls.append(len(entered))
+        return real_forward(*a, **k)
+
+    monkeypatch.setattr(libs.packing, "sdpa_backend_scope", spy_scope)
+    monkeypatch.setattr(model, "forward", spy_forward)
+    b = batcher(model)
+    b.submit(0, PROMPTS[0], GREEDY)
+    b.step()  # prefill
+    b.step()  # decode
+    assert entered == [torch.device("cpu")] * 2
+    assert calls == [1, 2]  # each forward inside the scope of its own step
