@@ -130,9 +130,9 @@ class TrainConfig(_Config):
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations in the backward pass (less memory, ~30% more compute).")
     compile_blocks: Literal["off", "norms-mlps", "layers"] = Field(
         default="off",
-        description="torch.compile parts of the model for fused element-wise kernels: 'norms-mlps' (on an H200, 0.85B model: 250 -> 212 ms per "
-                    "16k-token step) or 'layers' (whole decoder layers but the attention kernel; not yet measured on a GPU). "
-                    "Costs compile time at start; not with zero_stage 3.")
+        description="torch.compile parts of the model for fused element-wise kernels: 'norms-mlps' (each RMSNorm and MLP) or 'layers' "
+                    "(whole decoder layers but the attention kernel). On an H200, 0.85B Mistral, 16k-token steps: norms-mlps 203 ms, layers "
+                    "182 ms (MFU 48.5%). Costs compile time at start; not with zero_stage 3.")
     learning_rate: float = Field(default=1e-5, gt=0, description="Peak AdamW learning rate (ignored with --auto-lr).")
     auto_lr: bool = Field(
         default=False,
