@@ -4,8 +4,11 @@
     .venv/bin/python benchmarks/serve_load.py --checkpoint s3://bucket/runs/crlft --num-gpus 1
     python benchmarks/serve_load.py --engine-only --device cuda --model 1b   # a GPU machine without Ray
 
-1. In-process baseline: the same checkpoint loaded here, requests generated one after another
-   (``ContinuousBatcher`` with one request at a time: what ``generate`` on one prompt does).
+1. In-process baselines: the same checkpoint loaded here, the same requests generated one after
+   another, right before each Serve run, twice: through raychat's ``ContinuousBatcher`` with one
+   request at a time (the stricter baseline: raychat's own engine, ~10-25% faster than ``generate``
+   on this model), and through transformers' ``model.generate`` (the issue's "sequential
+   ``generate``"). Both greedy with the same stop ids, so they generate the same tokens.
 2. The Serve path: a local Ray instance runs the raychat app on 127.0.0.1 (API key on), once per
    ``--arms`` layout (``split`` and ``combined`` by default, measured in turn); the official async
    ``openai`` client sends chat completions, streamed and not, at each concurrency level (1, 4,
@@ -94,6 +97,22 @@ class Sequential:
             tokens += sum(s.token_id is not None for _, s in self.b.step())
         wall = time.perf_counter() - t0
         self.b.max_batch_size = 1
+        return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall}
+
+    def run_generate(self, n: int, max_tokens: int) -> dict:
+        """The same ``n`` requests one after another through transformers' own ``model.generate``
+        (greedy, the same stop ids): the issue's baseline, "sequential ``generate``"."""
+        import torch
+
+        model, stops = self.b.model, sorted(self.b.stop_ids)
+        tokens, t0 = 0, time.perf_counter()
+        with torch.inference_mode():
+            for i in range(n):
+                ids = torch.tensor([self.prompt(i)], device=self.b.device)
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+                                     eos_token_id=stops or None, pad_token_id=self.b.pad_id)
+                tokens += sum(t not in self.b.stop_ids for t in out[0, ids.shape[1]:].tolist())
+        wall = time.perf_counter() - t0
         return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall}
 
     def run(self, n: int, max_tokens: int) -> dict:
@@ -304,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     # Every Serve run comes right after a sequential run of its own, and is compared with that one:
     # a shared machine's speed drifts (here the sequential figure moved by 2x within one session),
     # so a ratio of two figures taken minutes apart would measure the drift as much as the endpoint.
-    seq_runs, serve_runs = [], {(arm, c, st): [] for arm in arms for c in levels for st in modes}
+    seq_runs, gen_runs, serve_runs = [], [], {(arm, c, st): [] for arm in arms for c in levels for st in modes}
     ratios = {k: [] for k in serve_runs}
+    gen_ratios = {k: [] for k in serve_runs}
     ttft_overheads = {k: [] for k in serve_runs}
     ceiling = {c: [] for c in levels if c > 1}
     for rep in range(args.repeats):
@@ -314,45 +334,53 @@ def main(argv: list[str] | None = None) -> int:
             ceiling[c].append(batched["tok_s"] / base["tok_s"])
             print(f"[{rep + 1}/{args.repeats}] in-process batch of {c}: {ceiling[c][-1]:.1f}x sequential", flush=True)
         for arm, c, st in serve_runs:
+            gen = seq.run_generate(args.requests or 16, args.max_tokens)
+            gen_runs.append(gen)
             base = seq.run(args.requests or 16, args.max_tokens)
             seq_runs.append(base)
             n = args.requests or max(16, 4 * c)
             serve_runs[arm, c, st].append(asyncio.run(drive(urls[arm], key, "bench", c, n, args.max_tokens, args.time_cap, st)))
             r = serve_runs[arm, c, st][-1]
             ratios[arm, c, st].append(r["tok_s"] / base["tok_s"])
+            gen_ratios[arm, c, st].append(r["tok_s"] / gen["tok_s"])
             if r["ttft"]:
                 ttft_overheads[arm, c, st].append((percentile(r["ttft"], 50) - percentile(base["ttft"], 50)) * 1e3)
             print(f"[{rep + 1}/{args.repeats}] {arm} concurrency {c:>3} {'stream' if st else 'whole '}: {r['tok_s']:.0f} tok/s "
-                  f"vs sequential just before {base['tok_s']:.0f} ({ratios[arm, c, st][-1]:.1f}x), "
+                  f"vs sequential just before {base['tok_s']:.0f} ({ratios[arm, c, st][-1]:.1f}x; "
+                  f"transformers generate {gen['tok_s']:.0f}: {gen_ratios[arm, c, st][-1]:.1f}x; "
+                  f"tokens {base['tokens']} / {gen['tokens']}), "
                   f"p50 TTFT {percentile(r['ttft'], 50) * 1e3 if r['ttft'] else float('nan'):.1f} ms "
                   f"(sequential {percentile(base['ttft'], 50) * 1e3:.1f}), errors {r['errors']}", flush=True)
     serve.shutdown()
     ray.shutdown()
     seq = summarise(seq_runs)
+    gen_tok_s = statistics.median(g["tok_s"] for g in gen_runs)
     results = {k: summarise(runs) for k, runs in serve_runs.items()}
 
     def ms(x):
         return "–" if x is None else f"{x:.1f}"
 
     print(f"\nMedians of {args.repeats} repeats; 'vs sequential' is the median of each run's ratio to the sequential run "
-          "just before it (the sequential row: all those runs).")
-    print("\n| path | generated tok/s | vs sequential | p50 / p99 latency (ms) | p50 / p99 TTFT (ms) |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| sequential in-process | {seq['tok_s']:.0f} | 1.0× | {seq['p50_latency_ms']:.0f} / {seq['p99_latency_ms']:.0f} | "
+          "just before it (the sequential row: all those runs): raychat's engine with one request at a time, and "
+          "transformers' own `model.generate` (the issue's baseline).")
+    print("\n| path | generated tok/s | vs sequential (engine) | vs sequential `generate` | p50 / p99 latency (ms) | p50 / p99 TTFT (ms) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| sequential in-process, raychat's engine | {seq['tok_s']:.0f} | 1.0× | – | {seq['p50_latency_ms']:.0f} / {seq['p99_latency_ms']:.0f} | "
           f"{ms(seq['p50_ttft_ms'])} / {ms(seq['p99_ttft_ms'])} |")
+    print(f"| sequential in-process, transformers `generate` | {gen_tok_s:.0f} | – | 1.0× | – | – |")
     for c, xs in ceiling.items():
-        print(f"| in-process, batch of {min(c, args.max_batch_size)} (ceiling for concurrency {c}) | – | {statistics.median(xs):.1f}× | – | – |")
+        print(f"| in-process, batch of {min(c, args.max_batch_size)} (ceiling for concurrency {c}) | – | {statistics.median(xs):.1f}× | – | – | – |")
     for (arm, c, st), r in results.items():
         print(f"| {arm}, concurrency {c}, {'streamed' if st else 'non-streamed'} | {r['tok_s']:.0f} | "
-              f"{statistics.median(ratios[arm, c, st]):.1f}× | {r['p50_latency_ms']:.0f} / {r['p99_latency_ms']:.0f} | "
-              f"{ms(r['p50_ttft_ms'])} / {ms(r['p99_ttft_ms'])} |")
+              f"{statistics.median(ratios[arm, c, st]):.1f}× | {statistics.median(gen_ratios[arm, c, st]):.1f}× | "
+              f"{r['p50_latency_ms']:.0f} / {r['p99_latency_ms']:.0f} | {ms(r['p50_ttft_ms'])} / {ms(r['p99_ttft_ms'])} |")
     for arm in arms:
         if (arm, 1, True) in results:
             print(f"TTFT overhead of the Serve path at concurrency 1 (p50 minus the sequential run's p50 just "
                   f"before, median), {arm}: {statistics.median(ttft_overheads[arm, 1, True]):.1f} ms")
     if args.json:
-        Path(args.json).write_text(json.dumps({"sequential": seq, "serve": {
-            f"{arm}-{c}-{'stream' if st else 'whole'}": {**r, "ratios": ratios[arm, c, st],
+        Path(args.json).write_text(json.dumps({"sequential": seq, "sequential_generate_tok_s": gen_tok_s, "serve": {
+            f"{arm}-{c}-{'stream' if st else 'whole'}": {**r, "ratios": ratios[arm, c, st], "generate_ratios": gen_ratios[arm, c, st],
                                                           "ttft_overheads_ms": ttft_overheads[arm, c, st]}
             for (arm, c, st), r in results.items()}}, indent=2))
     return 0

@@ -29,3 +29,14 @@ def test_the_1b_benchmark_model_has_787m_matrix_weights():
     total = sum(p.numel() for p in model.parameters())
     assert total == 852_568_064
     assert total - model.get_input_embeddings().weight.numel() == 787_027_968
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_the_1b_benchmark_model_has_the_same_weights_with_heads_of_64_or_128(head_dim):
+    import torch
+
+    with torch.device("meta"):
+        model = build_model("1b", 32002, 2048, "meta", torch.bfloat16, seed=0, head_dim=head_dim)
+    assert model.config.num_attention_heads * head_dim == 2048
+    assert model.config.num_attention_heads == 4 * model.config.num_key_value_heads
+    assert sum(p.numel() for p in model.parameters()) == 852_568_064

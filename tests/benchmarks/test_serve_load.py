@@ -1,0 +1,18 @@
+"""The in-process baselines of benchmarks/serve_load.py (its README figures are ratios to them)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from serve_load import Sequential  # noqa: E402
+
+
+def test_generate_baseline_makes_the_same_tokens_as_the_engine_baseline(tiny_model_dir):
+    """transformers' `generate` and raychat's engine, greedy with the same stop ids, one request at
+    a time: the same number of tokens, so their tokens/s compare like for like."""
+    seq = Sequential.from_checkpoint(str(tiny_model_dir), threads=1)
+    engine = seq.run(4, 24)
+    gen = seq.run_generate(4, 24)
+    assert engine["tokens"] == gen["tokens"] > 0
+    assert gen["tok_s"] > 0
