@@ -143,6 +143,30 @@ def test_compiled_blocks_train_like_eager_ones(tiny_model_dir, scope, backend, m
     _compiled_vs_eager(tiny_model_dir, _random_packs((7, 12, 5), (30, 9)), lambda m: m, compile_model, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("scope", "backend"), [("norms-mlps", "inductor"), ("layers", "aot_eager")])
+def test_compiled_blocks_with_gradient_checkpointing_train_like_eager_ones(tiny_model_dir, scope, backend):
+    """As jobs.train sets them up (compile_blocks, then gradient checkpointing, as the 7B config
+    would with compile_blocks on): the recomputed compiled blocks give eager's loss and gradients."""
+    import warnings
+
+    from libs.model import compile_blocks
+
+    def checkpointing(model):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers 5.2x renames it; the job calls this name
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model.train()
+
+    def compile_then_checkpoint(model):
+        compile_blocks(model, scope, backend=backend)
+        checkpointing(model)
+        assert model.is_gradient_checkpointing
+
+    # Eager: checkpointing only (prepare); compiled: compile first, then checkpointing, as the job does.
+    _compiled_vs_eager(tiny_model_dir, _random_packs((7, 12, 5), (30, 9)), lambda m: m.train(),
+                       compile_then_checkpoint, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("scope", ["norms-mlps", "layers"])
 def test_compiled_blocks_on_gpu_in_bf16_train_like_eager_ones(tiny_model_dir, scope):
