@@ -429,7 +429,7 @@ def packed_sdpa_attention(
     bounds = cu_seq_lens_q.tolist()
     max_len = max(end - start for start, end in zip(bounds[:-1], bounds[1:]))
     if dropout == 0.0 and (sliding_window is None or max_len <= sliding_window) and _use_varlen_flash(query):
-        cu = cu_seq_lens_k if cu_seq_lens_k is not None and cu_seq_lens_k.device == query.device else cu_seq_lens_q
+        cu = cu_seq_lens_k if cu_seq_lens_k is not None else cu_seq_lens_q
         return _varlen_flash_attention(query, key, value, cu, max_len, scaling), None
     outs = []
     with sdpa_backend_scope(query.device):  # the backward pass runs the kernel the forward chose
@@ -501,7 +501,7 @@ def packed_forward(model, packed: dict[str, torch.Tensor], logits_to_keep: torch
         # the CPU (the attention reads them as Python ints, which needs no device sync), and a
         # device copy made once here serves every layer's varlen kernel on CUDA.
         cu = packed["cu_seqlens"]
-        extra = {"cu_seq_lens_k": host_to_device(cu.to(torch.int32), device)} if torch.device(device).type == "cuda" else {}
+        extra = {"cu_seq_lens_k": host_to_device(cu, device)} if device.type == "cuda" else {}
         out = model(**kwargs, cu_seq_lens_q=cu, **extra)
     elif _uses_varlen_kernel(impl):
         # GPU path (untested here, no GPU). With flash-attention, transformers sees that
