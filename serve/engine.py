@@ -240,7 +240,8 @@ class LLMEngine:
                                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                                 stop=tuple(req.stop))
         rid = uuid.uuid4().hex
-        st = _Stream(asyncio.get_running_loop(), asyncio.Queue(), CompletionText(self.tokenizer, req.stop), req.stream)
+        text = CompletionText(self.tokenizer, req.stop, incremental=req.stream)  # non-streamed: decoded once at the end
+        st = _Stream(asyncio.get_running_loop(), asyncio.Queue(), text, req.stream)
         self._streams[rid] = st
         self.batcher.submit(rid, prompt, params)
         self._wake.set()

@@ -18,7 +18,7 @@ from typing import AsyncIterator, Protocol
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
@@ -443,9 +443,12 @@ class OpenAIRouter:
         if chat:
             choices = [ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason)
                        for i, r in enumerate(results)]
-            return ChatCompletion(model=self.model_id, choices=choices, usage=usage)
-        choices = [CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(results)]
-        return Completion(model=self.model_id, choices=choices, usage=usage)
+            body = ChatCompletion(model=self.model_id, choices=choices, usage=usage)
+        else:
+            choices = [CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(results)]
+            body = Completion(model=self.model_id, choices=choices, usage=usage)
+        # pydantic's own JSON: FastAPI's generic path (jsonable_encoder, then json.dumps) costs more per response.
+        return Response(body.model_dump_json(), media_type="application/json")
 
     async def _sse(self, req, opened: list[tuple[EngineChunk, AsyncIterator[EngineChunk] | None]],
                    chat: bool, deadline: float) -> AsyncIterator[str]:
@@ -467,10 +470,11 @@ class OpenAIRouter:
             return f"data: {json.dumps({**head, 'choices': [choice]}, separators=(',', ':'))}\n\n"
 
         last: dict[int, EngineChunk] = {}
+        # Each yield is one HTTP write (a TCP send, a wake-up of HAProxy and of the client): the role
+        # chunk goes out with the first text, and the usage chunk and [DONE] with the last one.
+        pending = [event(i, None, None, first=True) for i in range(len(opened))] if chat else []
+        merged = _merged(opened)
         try:
-            if chat:
-                yield "".join(event(i, None, None, first=True) for i in range(len(opened)))
-            merged = _merged(opened)
             while True:
                 # The deadline covers each wait for the engine, never a `yield` (a timeout there would
                 # cancel whoever is consuming this stream instead); no task per chunk.
@@ -481,9 +485,9 @@ class OpenAIRouter:
                     break
                 except TimeoutError:
                     log.warning("stream hit request_timeout_s (%g s)", self.cfg.request_timeout_s)
-                    yield f"data: {json.dumps(self._timed_out().body)}\n\n"
+                    yield "".join(pending) + f"data: {json.dumps(self._timed_out().body)}\n\n"
                     return
-                out = []
+                out, pending = pending, []
                 for index, item in items:
                     if isinstance(item, Exception):
                         log.warning("stream %d failed: %s", index, type(item).__name__)
@@ -496,14 +500,18 @@ class OpenAIRouter:
                         out.append(event(index, item.text, None))
                     if item.finish_reason:
                         out.append(event(index, "" if not chat else None, item.finish_reason))
+                if len(last) == len(opened) and all(c.finish_reason for c in last.values()):
+                    pending = out  # the last text: sent with the end of the stream, below
+                    break
                 if out:
                     yield "".join(out)
             if req.include_usage:
                 ordered = [last[i] for i in sorted(last)]
                 usage = Usage.of(sum(c.prompt_tokens for c in ordered[::n]), sum(c.completion_tokens for c in ordered))
                 cls = ChatCompletionChunk if chat else Completion
-                yield f"data: {cls(id=cid, created=created, model=self.model_id, choices=[], usage=usage).model_dump_json()}\n\n"
-            yield "data: [DONE]\n\n"
+                pending.append(f"data: {cls(id=cid, created=created, model=self.model_id, choices=[], usage=usage).model_dump_json()}\n\n")
+            yield "".join(pending) + "data: [DONE]\n\n"
         finally:
+            await merged.aclose()
             for i, (_, stream) in enumerate(opened):
                 await _close(stream, finished=i in last and last[i].finish_reason is not None)

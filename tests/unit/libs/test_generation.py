@@ -257,3 +257,33 @@ def test_each_step_runs_inside_the_sdpa_kernel_scope_of_its_device(model_and_tok
     b.step()  # decode
     assert entered == [torch.device("cpu")] * 2
     assert calls == [1, 2]  # each forward inside the scope of its own step
+
+
+@pytest.mark.parametrize("text", ["héllo 😎 wörld", "The quick brown fox jumps over the lazy dog.", "  two  spaces\nand 中文字符"])
+def test_detokenizer_paths_agree_with_one_decode(tokenizer, text):
+    """DecodeStream (fast tokenizers), the Python window and a whole non-streamed text give decode()'s text."""
+    import random
+
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    rng = random.Random(0)
+    noise = [rng.randrange(3, tokenizer.vocab_size) for _ in range(40)]  # random ids: partial characters, odd pieces
+    for seq in (ids, noise, ids + noise):
+        want = tokenizer.decode(seq, skip_special_tokens=True)
+        fast = IncrementalDetokenizer(tokenizer)
+        assert fast._stream is not None  # the test tokenizer is a fast one: DecodeStream is used
+        slow = IncrementalDetokenizer(tokenizer)
+        slow._stream = None
+        for d in (fast, slow):
+            assert "".join(d.push(i) for i in seq) + d.flush() == want
+        whole = CompletionText(tokenizer, incremental=False)
+        deltas = [whole.push(StepToken(i)) for i in seq[:-1]] + [whole.push(StepToken(seq[-1], "length"))]
+        assert [d.text for d in deltas[:-1]] == [""] * (len(seq) - 1) and deltas[-1].text == want
+        assert deltas[-1].completion_tokens == len(seq) and deltas[-1].finish_reason == "length"
+
+
+def test_non_streamed_text_with_stop_strings_still_stops_early(tokenizer):
+    ids = tokenizer("Paris is the capital of France.", add_special_tokens=False)["input_ids"]
+    c = CompletionText(tokenizer, stop=["capital of"], incremental=False)
+    deltas = [c.push(StepToken(i)) for i in ids]
+    assert "".join(d.text for d in deltas) == "Paris is the "
+    assert [d.finish_reason for d in deltas if d.finish_reason] == ["stop"]
