@@ -11,7 +11,7 @@ PIP_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 EXTRAS ?= dev
 comma := ,
 
-.PHONY: setup demo test clean gpu-bundle
+.PHONY: setup demo test clean gpu-bundle gpu-serve-bundle
 
 $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml $(CONSTRAINTS)
 	@echo "==> installing raychat[$(EXTRAS)] into $(VENV) ($(if $(CONSTRAINTS),constraints: $(CONSTRAINTS),no constraints))"
@@ -31,6 +31,9 @@ gpu-bundle: setup  ## what benchmarks/gpu_session.sh needs on a GPU machine with
 	mkdir -p .gpu
 	cp "$$($(PY) -c 'from libs.tokenization import embedded_tokenizer_file as f; print(f())')" .gpu/tokenizer.model.v1
 	@echo "==> .gpu/ ready: carry it to the GPU machine (see benchmarks/gpu_session.sh)"
+
+gpu-serve-bundle: gpu-bundle  ## Ray Serve, pydantic, FastAPI, openai… for the GPU machine's Python 3.12 (needs PyPI): .gpu/serve-site-py3.12.tar.xz
+	$(PY) benchmarks/gpu_serve_bundle.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

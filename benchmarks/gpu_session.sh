@@ -8,10 +8,13 @@
 #                bash benchmarks/gpu_session.sh train-layers  (the same with whole decoder layers compiled)
 #                bash benchmarks/gpu_session.sh upload    (step time during a checkpoint upload, ≤ 1.1×)
 #                bash benchmarks/gpu_session.sh serve     (engine batching vs sequential at 0.85B)
+#   make gpu-serve-bundle  # here: Ray Serve, pydantic, FastAPI, openai… for Python 3.12: .gpu/serve-site-py3.12.tar.xz
+#                bash benchmarks/gpu_session.sh endpoint  (the OpenAI endpoint under load vs sequential, 0.85B on one GPU)
 #                bash benchmarks/gpu_session.sh all       (every part in turn: only with 10 minutes to spare)
 #
 # Knobs (environment): BATCH_MAX_LEN (train, 16384), TRAIN_ARGS (more train_throughput.py options, e.g. --attention per-row), UPLOAD_BLOCKS (upload, 3), SERVE_REPEATS (serve, 3),
-# SERVE_ARGS (more serve_load.py options, e.g. --sdpa-backends torch for torch's own attention kernels).
+# SERVE_ARGS (more serve_load.py options, e.g. --sdpa-backends torch for torch's own attention kernels),
+# ENDPOINT_CONCURRENCY (endpoint, 1,16,64), ENDPOINT_ARGS (more serve_load.py options for the endpoint part).
 # Each part prints the GPU first and writes its log to $OUT/<part>.log (the device tool brings
 # $OUT back) or to ./gpu-logs/ elsewhere. tests/benchmarks/test_gpu_box.py runs the same scripts on
 # the CPU without those packages, so a missing import shows up in CI, not on the lent machine.
@@ -35,6 +38,19 @@ part() {
     return "$rc"
 }
 
+serve_site() {  # Ray Serve & co. from make gpu-serve-bundle (built for this Python), unpacked once per machine
+    local ver bundle site=/tmp/raychat-site
+    ver=$("${PY[@]}" -c 'import sys; print("%d.%d" % sys.version_info[:2])') || return 1
+    bundle=.gpu/serve-site-py$ver.tar.xz
+    if [[ -f $bundle && ! -f $site/.done ]]; then
+        echo "==> unpacking $bundle into $site"
+        mkdir -p "$site" && "${PY[@]}" -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='tar')" \
+            "$bundle" "$site" && touch "$site/.done" || return 1
+    fi
+    [[ -f $site/.done ]] && export PYTHONPATH="$PYTHONPATH:$site"
+    return 0
+}
+
 gpu_test_files() { grep -rlE 'pytest\.mark\.gpu' tests --include='test_*.py' | sort; }
 
 train_part() {  # name, compile scope
@@ -49,7 +65,10 @@ run_part() {
         train-layers) train_part train-layers layers ;;
         upload) part upload "${PY[@]}" benchmarks/checkpoint_upload.py --device "$DEVICE" --model "$MODEL" --dest /tmp/raychat-sink --blocks "${UPLOAD_BLOCKS:-3}" ;;
         serve) part serve "${PY[@]}" benchmarks/serve_load.py --engine-only --device "$DEVICE" --model "$MODEL" --concurrency 1,4,16,64 --repeats "${SERVE_REPEATS:-3}" ${SERVE_ARGS:-} ;;
-        *) echo "usage: $0 tests|train|train-layers|upload|serve|all" >&2; return 2 ;;
+        endpoint) serve_site && part endpoint "${PY[@]}" benchmarks/serve_load.py --model "$MODEL" --arms combined \
+            --num-gpus "$([[ $DEVICE == cuda ]] && echo 1 || echo 0)" --concurrency "${ENDPOINT_CONCURRENCY:-1,16,64}" \
+            --repeats "${SERVE_REPEATS:-2}" ${ENDPOINT_ARGS:-} ;;
+        *) echo "usage: $0 tests|train|train-layers|upload|serve|endpoint|all" >&2; return 2 ;;
     esac
 }
 

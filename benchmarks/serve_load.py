@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/serve_load.py                       # tiny embedded model, CPU
     .venv/bin/python benchmarks/serve_load.py --checkpoint s3://bucket/runs/crlft --num-gpus 1
+    python benchmarks/serve_load.py --model 1b --num-gpus 1 --arms combined      # a random-init 0.85B checkpoint, one GPU
     python benchmarks/serve_load.py --engine-only --device cuda --model 1b   # a GPU machine without Ray
 
 1. In-process baselines: the same checkpoint loaded here, the same requests generated one after
@@ -207,6 +208,28 @@ ARMS = {
 }
 
 
+def make_checkpoint(size: str, dest: Path, device: str) -> Path:
+    """A random-init checkpoint with the embedded tokenizer: the tiny embedded model, or the 0.85B
+    Mistral of ``train_throughput.py`` (saved in bfloat16, as a real checkpoint of that size would be)."""
+    if size == "tiny":
+        from libs.model import create_embedded_base_model
+
+        return create_embedded_base_model(dest)
+    import torch
+    from train_throughput import build_model
+
+    from libs.model import set_generation_stop
+    from libs.tokenization import build_embedded_tokenizer
+
+    tok = build_embedded_tokenizer()
+    model = build_model(size, len(tok), 4096, device, torch.bfloat16, seed=0)
+    model.config.name_or_path = f"raychat-random-mistral-{size}"
+    set_generation_stop(model, tok)
+    model.save_pretrained(dest, safe_serialization=True)
+    tok.save_pretrained(dest)
+    return dest
+
+
 def batched_vs_sequential(seq: Sequential, args, c: int) -> tuple[dict, dict]:
     """A sequential run, then the engine's own batches of ``c`` right after it (the ceiling for concurrency ``c``)."""
     base = seq.run(args.requests or 16, args.max_tokens)
@@ -271,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="no Ray or HTTP: only sequential vs in-process batches (for machines without Ray)")
     ap.add_argument("--device", default="cpu", help="--engine-only: cpu or cuda")
     ap.add_argument("--model", choices=["tiny", "1b"], default="tiny",
-                    help="--engine-only without --checkpoint: a random-init tiny or 0.85B Mistral")
+                    help="without --checkpoint: a random-init tiny or 0.85B Mistral (Serve runs: written as a checkpoint first)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="--engine-only: default bfloat16 on cuda, else float32")
     ap.add_argument("--sdpa-backends", choices=["raychat", "torch"], default="raychat",
                     help="--engine-only on CUDA: attention kernels of the engine's forward passes: raychat's "
@@ -291,13 +314,19 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from libs.model import create_embedded_base_model
     from serve.app import build_app
     from tests.conftest import free_port
 
     tmp = Path(tempfile.mkdtemp(prefix="raychat-bench-"))
-    checkpoint = args.checkpoint or str(create_embedded_base_model(tmp / "tiny"))
-    seq = Sequential.from_checkpoint(checkpoint, threads=max(1, int(args.num_cpus)))
+    # With GPUs the replicas run on CUDA in bfloat16 (ServeConfig dtype auto), and so do the baselines.
+    device = "cuda" if args.num_gpus else "cpu"
+    checkpoint = args.checkpoint or str(make_checkpoint(args.model, tmp / args.model, device))
+    import torch
+
+    seq = Sequential.from_checkpoint(checkpoint, threads=max(1, int(args.num_cpus)), device=device,
+                                     dtype=torch.bfloat16 if device == "cuda" else None)
+    print(f"model: {checkpoint} ({sum(p.numel() for p in seq.b.model.parameters()) / 1e6:,.1f}M parameters) on {device}",
+          flush=True)
     seq.run(2, 8)  # warm-up
 
     key = "sk-bench"
