@@ -93,7 +93,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             log.info("compiling %d modules (%s; torch.compile, dynamic shapes)", n, cfg.compile_blocks)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from libs.model import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
     if cfg.lora_r is not None:
         model = lora_model(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     use_bf16 = cfg.bf16 if cfg.bf16 is not None else cfg.use_gpu

@@ -136,6 +136,16 @@ def save_hf_model(model, tokenizer, directory: str | os.PathLike) -> None:
 COMPILE_SCOPES = ("norms-mlps", "layers")
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing of every decoder layer, non-reentrant (what DeepSpeed and
+    LoRA need). transformers 5.2x renamed ``gradient_checkpointing_enable`` (which now warns) to
+    ``activation_checkpointing_enable``; older 5.x releases (the lent GPU machine's 5.17) lack the new name."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def compile_blocks(model, scope: str = "norms-mlps", backend: str = "inductor") -> int:
     """``torch.compile`` parts of a causal LM, in place; returns how many modules.
 

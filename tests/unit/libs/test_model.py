@@ -149,12 +149,13 @@ def test_compiled_blocks_with_gradient_checkpointing_train_like_eager_ones(tiny_
     would with compile_blocks on): the recomputed compiled blocks give eager's loss and gradients."""
     import warnings
 
-    from libs.model import compile_blocks
+    from libs.model import compile_blocks, enable_activation_checkpointing
 
     def checkpointing(model):
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # transformers 5.2x renames it; the job calls this name
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            warnings.simplefilter("error", FutureWarning)  # not the deprecated name on transformers 5.2x
+            enable_activation_checkpointing(model)
+        assert model.is_gradient_checkpointing
         return model.train()
 
     def compile_then_checkpoint(model):
