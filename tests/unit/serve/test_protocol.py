@@ -75,3 +75,21 @@ def test_n_choices_per_prompt_get_consecutive_seeds():
 def test_error_body_is_openai_shaped():
     assert error_body("x", param="p", code="c") == {
         "error": {"message": "x", "type": "invalid_request_error", "param": "p", "code": "c"}}
+
+
+def test_whole_answers_serialise_to_what_fastapis_generic_path_gave():
+    """The router answers with model_dump_json() in a plain Response: the same JSON as FastAPI's
+    jsonable_encoder would have sent for the returned model."""
+    import json
+
+    from fastapi.encoders import jsonable_encoder
+
+    from serve.protocol import AssistantMessage, ChatChoice, ChatCompletion, Completion, CompletionChoice, Usage
+
+    usage = Usage.of(5, 7)
+    chat = ChatCompletion(model="m", usage=usage, choices=[
+        ChatChoice(index=0, message=AssistantMessage(content='héllo "x"\n😎'), finish_reason="stop"),
+        ChatChoice(index=1, message=AssistantMessage(content=""), finish_reason="length")])
+    text = Completion(model="m", usage=usage, choices=[CompletionChoice(index=0, text="t", finish_reason="length")])
+    for body in (chat, text):
+        assert json.loads(body.model_dump_json()) == jsonable_encoder(body)
