@@ -211,23 +211,15 @@ ARMS = {
 def make_checkpoint(size: str, dest: Path, device: str) -> Path:
     """A random-init checkpoint with the embedded tokenizer: the tiny embedded model, or the 0.85B
     Mistral of ``train_throughput.py`` (saved in bfloat16, as a real checkpoint of that size would be)."""
-    if size == "tiny":
-        from libs.model import create_embedded_base_model
+    from libs.model import create_embedded_base_model
 
+    if size == "tiny":
         return create_embedded_base_model(dest)
     import torch
     from train_throughput import build_model
 
-    from libs.model import set_generation_stop
-    from libs.tokenization import build_embedded_tokenizer
-
-    tok = build_embedded_tokenizer()
-    model = build_model(size, len(tok), 4096, device, torch.bfloat16, seed=0)
-    model.config.name_or_path = f"raychat-random-mistral-{size}"
-    set_generation_stop(model, tok)
-    model.save_pretrained(dest, safe_serialization=True)
-    tok.save_pretrained(dest)
-    return dest
+    return create_embedded_base_model(dest, build=lambda vocab: build_model(size, vocab, 4096, device, torch.bfloat16, seed=0),
+                                      name=f"raychat-random-mistral-{size}")
 
 
 def batched_vs_sequential(seq: Sequential, args, c: int) -> tuple[dict, dict]:

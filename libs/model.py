@@ -39,16 +39,20 @@ def set_generation_stop(model, tokenizer) -> None:
     model.generation_config.bos_token_id = tokenizer.bos_token_id
 
 
-def create_embedded_base_model(dest: str | os.PathLike, seed: int = 0) -> Path:
-    """Writes a tiny random-init ``MistralForCausalLM`` + the embedded tokenizer to ``dest`` (HF format)."""
+def create_embedded_base_model(dest: str | os.PathLike, seed: int = 0, build=None, name: str = EMBEDDED_MODEL_NAME) -> Path:
+    """Writes a tiny random-init ``MistralForCausalLM`` + the embedded tokenizer to ``dest`` (HF format).
+
+    ``build(vocab_size)`` makes another random-init model instead (the benchmarks' 0.85B one), saved
+    the same way under ``name``.
+    """
     import torch
     from transformers import MistralForCausalLM
 
     dest = Path(dest)
     tok = build_embedded_tokenizer()
     torch.manual_seed(seed)
-    model = MistralForCausalLM(tiny_mistral_config(vocab_size=len(tok)))
-    model.config.name_or_path = EMBEDDED_MODEL_NAME
+    model = build(len(tok)) if build is not None else MistralForCausalLM(tiny_mistral_config(vocab_size=len(tok)))
+    model.config.name_or_path = name
     set_generation_stop(model, tok)
     model.save_pretrained(dest, safe_serialization=True)
     tok.save_pretrained(dest)
