@@ -53,18 +53,21 @@ class Sequential:
         self.b, self.prompt = batcher, prompt
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str, threads: int, device: str = "cpu", dtype=None) -> "Sequential":
+    def from_checkpoint(cls, checkpoint: str, threads: int, device: str = "cpu", dtype=None,
+                        pack_linears: bool = True) -> "Sequential":
         import torch
 
         from libs.checkpoints import fetch_checkpoint, resolve_checkpoint
         from libs.generation import ContinuousBatcher
-        from libs.model import load_causal_lm
+        from libs.model import load_causal_lm, pack_cpu_linears
         from libs.templates import get_template
         from libs.tokenization import ConversationTokenizer
 
         torch.set_num_threads(threads)  # what the engine replica gets (Ray sets OMP_NUM_THREADS = num_cpus)
         local = fetch_checkpoint(resolve_checkpoint(checkpoint).uri, "/tmp/raychat/models")
         model, tok = load_causal_lm(local, dtype=dtype)
+        if pack_linears and device == "cpu":  # as the engine replica does (ServeConfig.cpu_packed_linears); the
+            pack_cpu_linears(model)  # `generate` baseline runs this same model, so the same kernels
         ct = ConversationTokenizer(tok, get_template("openchat_3.5"))
         b = ContinuousBatcher(model.to(device), stop_ids=[ct.eot_id, tok.eos_token_id], pad_id=tok.pad_token_id or 0,
                               max_context=int(model.config.max_position_embeddings), max_batch_size=1)
@@ -235,13 +238,19 @@ def engine_only(args, levels: list[int]) -> int:
 
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     if args.checkpoint:
-        seq = Sequential.from_checkpoint(args.checkpoint, max(1, int(args.num_cpus)), args.device, dtype)
+        seq = Sequential.from_checkpoint(args.checkpoint, max(1, int(args.num_cpus)), args.device, dtype,
+                                         pack_linears=args.cpu_linears == "packed")
         what = args.checkpoint
     else:
         from train_throughput import build_model
 
         torch.set_num_threads(max(1, int(args.num_cpus)))
-        seq = Sequential.synthetic(build_model(args.model, 32002, 4096, args.device, dtype, seed=0).eval())
+        model = build_model(args.model, 32002, 4096, args.device, dtype, seed=0).eval()
+        if args.cpu_linears == "packed" and args.device == "cpu":
+            from libs.model import pack_cpu_linears
+
+            pack_cpu_linears(model)
+        seq = Sequential.synthetic(model)
         what = f"random-init {args.model} model, 32-token random prompts"
     n_params = sum(p.numel() for p in seq.b.model.parameters())
     print(f"engine only: {what} ({n_params / 1e6:,.1f}M parameters) on {args.device} ({str(dtype).removeprefix('torch.')}), "
@@ -281,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arms", default="split,combined", help=f"comma-separated app layouts to compare, of {sorted(ARMS)}")
     ap.add_argument("--modes", default="stream,whole", help="streamed and/or non-streamed requests")
     ap.add_argument("--stream-interval-s", type=float, help="ServeConfig.stream_interval_s (default: the config's)")
+    ap.add_argument("--cpu-linears", choices=["packed", "plain"], default="packed",
+                    help="CPU: linear layers on oneDNN-packed weights (ServeConfig.cpu_packed_linears, the default) or "
+                         "torch's plain F.linear — in the replicas and both sequential baselines alike")
     ap.add_argument("--json", help="write the figures here too")
     ap.add_argument("--engine-only", action="store_true",
                     help="no Ray or HTTP: only sequential vs in-process batches (for machines without Ray)")
@@ -316,9 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     seq = Sequential.from_checkpoint(checkpoint, threads=max(1, int(args.num_cpus)), device=device,
-                                     dtype=torch.bfloat16 if device == "cuda" else None)
-    print(f"model: {checkpoint} ({sum(p.numel() for p in seq.b.model.parameters()) / 1e6:,.1f}M parameters) on {device}",
-          flush=True)
+                                     dtype=torch.bfloat16 if device == "cuda" else None,
+                                     pack_linears=args.cpu_linears == "packed")
+    print(f"model: {checkpoint} ({sum(p.numel() for p in seq.b.model.parameters()) / 1e6:,.1f}M parameters) on {device}, "
+          f"{args.cpu_linears} CPU linears", flush=True)
     seq.run(2, 8)  # warm-up
 
     key = "sk-bench"
@@ -338,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         serve.run(build_app({"checkpoint": checkpoint, "model_id": "bench", "api_keys_file": str(tmp / "keys"),
                              "num_replicas": 1, "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
                              "max_batch_size": args.max_batch_size, "max_ongoing_requests": max(args.max_batch_size, 64) * 2,
-                             "max_queued_requests": -1, **ARMS[arm], **extra}), name=f"bench-{arm}", route_prefix=f"/{arm}")
+                             "max_queued_requests": -1, "cpu_packed_linears": args.cpu_linears == "packed",
+                             **ARMS[arm], **extra}), name=f"bench-{arm}", route_prefix=f"/{arm}")
         urls[arm] = f"http://127.0.0.1:{port}/{arm}/v1"
         asyncio.run(drive(urls[arm], key, "bench", 4, 8, 8, 30))  # warm-up
     # Every Serve run comes right after a sequential run of its own, and is compared with that one:

@@ -62,6 +62,7 @@ class BatcherSpec:
     max_batch_size: int
     max_prefill_tokens: int
     torch_threads: int
+    pack_cpu_linears: bool = True  # libs.model.pack_cpu_linears on a CPU model
 
 
 class EngineProcessDied(RuntimeError):
@@ -173,7 +174,7 @@ def _child(cmd_fd: int, ev_fd: int) -> int:
     import torch
 
     from libs.generation import ContinuousBatcher
-    from libs.model import load_causal_lm
+    from libs.model import load_causal_lm, pack_cpu_linears
 
     cmd = os.fdopen(cmd_fd, "rb")
     events = os.fdopen(ev_fd, "wb")
@@ -182,6 +183,8 @@ def _child(cmd_fd: int, ev_fd: int) -> int:
         torch.set_num_threads(spec.torch_threads)
         model, _ = load_causal_lm(spec.model_dir, dtype=getattr(torch, spec.dtype))
         model.to(spec.device)
+        if spec.pack_cpu_linears and spec.device == "cpu":
+            pack_cpu_linears(model)
         batcher = ContinuousBatcher(model, stop_ids=list(spec.stop_ids), pad_id=spec.pad_id,
                                     max_context=spec.max_context, max_batch_size=spec.max_batch_size,
                                     max_prefill_tokens=spec.max_prefill_tokens)

@@ -26,7 +26,7 @@ from libs.checkpoints import CheckpointRef, fetch_checkpoint
 from libs.config import ServeConfig
 from libs.engine_process import BatcherSpec, EngineProcessDied, ProcessBatcher
 from libs.generation import CompletionText, ContinuousBatcher, SamplingParams, TextDelta
-from libs.model import load_causal_lm
+from libs.model import load_causal_lm, pack_cpu_linears
 from libs.templates import get_template
 from libs.tokenization import ConversationTokenizer
 from serve.protocol import EngineChunk, EngineRequest, error_body
@@ -75,6 +75,8 @@ class LLMEngine:
         else:
             model, self.tokenizer = load_causal_lm(local, dtype=self._dtype())
             model.to(device)
+            if self.cfg.cpu_packed_linears and device == "cpu":
+                pack_cpu_linears(model)
             model_config = model.config
         self.template = get_template(self.cfg.template)
         self.condition = self.cfg.default_condition
@@ -89,7 +91,8 @@ class LLMEngine:
             self.batcher = ProcessBatcher(BatcherSpec(
                 model_dir=str(local), dtype=str(self._dtype()).removeprefix("torch."), device=device,
                 stop_ids=tuple(stops), pad_id=pad, max_context=self.max_context, max_batch_size=self.cfg.max_batch_size,
-                max_prefill_tokens=self.cfg.max_prefill_tokens, torch_threads=torch.get_num_threads()))
+                max_prefill_tokens=self.cfg.max_prefill_tokens, torch_threads=torch.get_num_threads(),
+                pack_cpu_linears=self.cfg.cpu_packed_linears))
         else:
             self.batcher = ContinuousBatcher(model, stop_ids=stops, pad_id=pad, max_context=self.max_context,
                                              max_batch_size=self.cfg.max_batch_size,
