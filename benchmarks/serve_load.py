@@ -6,8 +6,8 @@
     python benchmarks/serve_load.py --engine-only --device cuda --model 1b   # a GPU machine without Ray
 
 1. In-process baselines: the same checkpoint loaded here, the same requests generated one after
-   another, right before each Serve run, twice: through raychat's ``ContinuousBatcher`` with one
-   request at a time (the stricter baseline: raychat's own engine, ~10-25% faster than ``generate``
+   another, right before and right after each Serve run, each time twice: through raychat's
+   ``ContinuousBatcher`` with one request at a time (the stricter baseline: raychat's own engine, ~10-25% faster than ``generate``
    on this model), and through transformers' ``model.generate`` (the issue's "sequential
    ``generate``"). Both greedy with the same stop ids, so they generate the same tokens.
 2. The Serve path: a local Ray instance runs the raychat app on 127.0.0.1 (API key on), once per
@@ -355,9 +355,9 @@ def main(argv: list[str] | None = None) -> int:
                              **ARMS[arm], **extra}), name=f"bench-{arm}", route_prefix=f"/{arm}")
         urls[arm] = f"http://127.0.0.1:{port}/{arm}/v1"
         asyncio.run(drive(urls[arm], key, "bench", 4, 8, 8, 30))  # warm-up
-    # Every Serve run comes right after a sequential run of its own, and is compared with that one:
-    # a shared machine's speed drifts (here the sequential figure moved by 2x within one session),
-    # so a ratio of two figures taken minutes apart would measure the drift as much as the endpoint.
+    # Every Serve run sits between sequential runs of its own, and is compared with their mean: a
+    # shared machine's speed drifts (here the sequential figure moved by 2x within one session), so a
+    # ratio of two figures taken minutes apart would measure the drift as much as the endpoint.
     seq_runs, gen_runs, serve_runs = [], [], {(arm, c, st): [] for arm in arms for c in levels for st in modes}
     ratios = {k: [] for k in serve_runs}
     gen_ratios = {k: [] for k in serve_runs}
@@ -369,23 +369,30 @@ def main(argv: list[str] | None = None) -> int:
             ceiling[c].append(batched["tok_s"] / base["tok_s"])
             print(f"[{rep + 1}/{args.repeats}] in-process batch of {c}: {ceiling[c][-1]:.1f}x sequential", flush=True)
         for arm, c, st in serve_runs:
-            gen = seq.run_generate(args.requests or 16, args.max_tokens)
-            gen_runs.append(gen)
-            base = seq.run(args.requests or 16, args.max_tokens)
-            seq_runs.append(base)
+            # Sequential runs on both sides of the Serve run (generate, engine | Serve | engine, generate),
+            # compared with their mean: drift during the Serve run cancels to first order.
+            gen_before = seq.run_generate(args.requests or 16, args.max_tokens)
+            before = seq.run(args.requests or 16, args.max_tokens)
             n = args.requests or max(16, 4 * c)
-            serve_runs[arm, c, st].append(asyncio.run(drive(urls[arm], key, "bench", c, n, args.max_tokens, args.time_cap, st)))
-            r = serve_runs[arm, c, st][-1]
-            ratios[arm, c, st].append(r["tok_s"] / base["tok_s"])
-            gen_ratios[arm, c, st].append(r["tok_s"] / gen["tok_s"])
+            r = asyncio.run(drive(urls[arm], key, "bench", c, n, args.max_tokens, args.time_cap, st))
+            after = seq.run(args.requests or 16, args.max_tokens)
+            gen_after = seq.run_generate(args.requests or 16, args.max_tokens)
+            seq_runs += [before, after]
+            gen_runs += [gen_before, gen_after]
+            serve_runs[arm, c, st].append(r)
+            base_tok_s = (before["tok_s"] + after["tok_s"]) / 2
+            gen_tok_s = (gen_before["tok_s"] + gen_after["tok_s"]) / 2
+            ratios[arm, c, st].append(r["tok_s"] / base_tok_s)
+            gen_ratios[arm, c, st].append(r["tok_s"] / gen_tok_s)
+            base_ttft = (percentile(before["ttft"], 50) + percentile(after["ttft"], 50)) / 2
             if r["ttft"]:
-                ttft_overheads[arm, c, st].append((percentile(r["ttft"], 50) - percentile(base["ttft"], 50)) * 1e3)
+                ttft_overheads[arm, c, st].append((percentile(r["ttft"], 50) - base_ttft) * 1e3)
             print(f"[{rep + 1}/{args.repeats}] {arm} concurrency {c:>3} {'stream' if st else 'whole '}: {r['tok_s']:.0f} tok/s "
-                  f"vs sequential just before {base['tok_s']:.0f} ({ratios[arm, c, st][-1]:.1f}x; "
-                  f"transformers generate {gen['tok_s']:.0f}: {gen_ratios[arm, c, st][-1]:.1f}x; "
-                  f"tokens {base['tokens']} / {gen['tokens']}), "
+                  f"vs sequential around it {base_tok_s:.0f} ({before['tok_s']:.0f} before, {after['tok_s']:.0f} after: "
+                  f"{ratios[arm, c, st][-1]:.1f}x; transformers generate {gen_tok_s:.0f}: {gen_ratios[arm, c, st][-1]:.1f}x; "
+                  f"tokens {before['tokens']} / {gen_before['tokens']}), "
                   f"p50 TTFT {percentile(r['ttft'], 50) * 1e3 if r['ttft'] else float('nan'):.1f} ms "
-                  f"(sequential {percentile(base['ttft'], 50) * 1e3:.1f}), errors {r['errors']}", flush=True)
+                  f"(sequential {base_ttft * 1e3:.1f}), errors {r['errors']}", flush=True)
     serve.shutdown()
     ray.shutdown()
     seq = summarise(seq_runs)
@@ -395,9 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     def ms(x):
         return "–" if x is None else f"{x:.1f}"
 
-    print(f"\nMedians of {args.repeats} repeats; 'vs sequential' is the median of each run's ratio to the sequential run "
-          "just before it (the sequential row: all those runs): raychat's engine with one request at a time, and "
-          "transformers' own `model.generate` (the issue's baseline).")
+    print(f"\nMedians of {args.repeats} repeats; 'vs sequential' is the median of each run's ratio to the mean of the "
+          "sequential runs just before and just after it (the sequential rows: all those runs): raychat's engine with "
+          "one request at a time, and transformers' own `model.generate` (the issue's baseline).")
     print("\n| path | generated tok/s | vs sequential (engine) | vs sequential `generate` | p50 / p99 latency (ms) | p50 / p99 TTFT (ms) |")
     print("|---|---:|---:|---:|---:|---:|")
     print(f"| sequential in-process, raychat's engine | {seq['tok_s']:.0f} | 1.0× | – | {seq['p50_latency_ms']:.0f} / {seq['p99_latency_ms']:.0f} | "
@@ -411,8 +418,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['p50_latency_ms']:.0f} / {r['p99_latency_ms']:.0f} | {ms(r['p50_ttft_ms'])} / {ms(r['p99_ttft_ms'])} |")
     for arm in arms:
         if (arm, 1, True) in results:
-            print(f"TTFT overhead of the Serve path at concurrency 1 (p50 minus the sequential run's p50 just "
-                  f"before, median), {arm}: {statistics.median(ttft_overheads[arm, 1, True]):.1f} ms")
+            print(f"TTFT overhead of the Serve path at concurrency 1 (p50 minus the mean p50 of the sequential "
+                  f"runs around it, median), {arm}: {statistics.median(ttft_overheads[arm, 1, True]):.1f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps({"sequential": seq, "sequential_generate_tok_s": gen_tok_s, "serve": {
             f"{arm}-{c}-{'stream' if st else 'whole'}": {**r, "ratios": ratios[arm, c, st], "generate_ratios": gen_ratios[arm, c, st],
