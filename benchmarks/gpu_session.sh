@@ -67,7 +67,7 @@ run_part() {
         serve) part serve "${PY[@]}" benchmarks/serve_load.py --engine-only --device "$DEVICE" --model "$MODEL" --concurrency 1,4,16,64 --repeats "${SERVE_REPEATS:-3}" ${SERVE_ARGS:-} ;;
         endpoint) serve_site && part endpoint "${PY[@]}" benchmarks/serve_load.py --model "$MODEL" --arms combined \
             --num-gpus "$([[ $DEVICE == cuda ]] && echo 1 || echo 0)" --concurrency "${ENDPOINT_CONCURRENCY:-1,16,64}" \
-            --repeats "${SERVE_REPEATS:-2}" ${ENDPOINT_ARGS:-} ;;
+            --repeats "${SERVE_REPEATS:-2}" --baseline-requests 4 ${ENDPOINT_ARGS:-} ;;
         *) echo "usage: $0 tests|train|train-layers|upload|serve|endpoint|all" >&2; return 2 ;;
     esac
 }

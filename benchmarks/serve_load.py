@@ -281,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", help="checkpoint or run URI; default: a fresh tiny embedded model")
     ap.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels")
     ap.add_argument("--requests", type=int, default=0, help="requests per level (default: max(16, 4 x concurrency))")
+    ap.add_argument("--baseline-requests", type=int, default=0,
+                    help="requests of each sequential run around a Serve run (default: --requests, else 16; fewer on a "
+                         "GPU, where one request of a large model takes seconds)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--time-cap", type=float, default=60.0, help="seconds per level before no new request starts")
     ap.add_argument("--repeats", type=int, default=3)
@@ -371,12 +374,13 @@ def main(argv: list[str] | None = None) -> int:
         for arm, c, st in serve_runs:
             # Sequential runs on both sides of the Serve run (generate, engine | Serve | engine, generate),
             # compared with their mean: drift during the Serve run cancels to first order.
-            gen_before = seq.run_generate(args.requests or 16, args.max_tokens)
-            before = seq.run(args.requests or 16, args.max_tokens)
+            nb = args.baseline_requests or args.requests or 16
+            gen_before = seq.run_generate(nb, args.max_tokens)
+            before = seq.run(nb, args.max_tokens)
             n = args.requests or max(16, 4 * c)
             r = asyncio.run(drive(urls[arm], key, "bench", c, n, args.max_tokens, args.time_cap, st))
-            after = seq.run(args.requests or 16, args.max_tokens)
-            gen_after = seq.run_generate(args.requests or 16, args.max_tokens)
+            after = seq.run(nb, args.max_tokens)
+            gen_after = seq.run_generate(nb, args.max_tokens)
             seq_runs += [before, after]
             gen_runs += [gen_before, gen_after]
             serve_runs[arm, c, st].append(r)
