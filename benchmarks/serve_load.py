@@ -59,17 +59,17 @@ class Sequential:
 
         from libs.checkpoints import fetch_checkpoint, resolve_checkpoint
         from libs.generation import ContinuousBatcher
-        from libs.model import load_causal_lm, pack_cpu_linears
+        from libs.model import load_inference_model
         from libs.templates import get_template
         from libs.tokenization import ConversationTokenizer
 
         torch.set_num_threads(threads)  # what the engine replica gets (Ray sets OMP_NUM_THREADS = num_cpus)
         local = fetch_checkpoint(resolve_checkpoint(checkpoint).uri, "/tmp/raychat/models")
-        model, tok = load_causal_lm(local, dtype=dtype)
-        if pack_linears and device == "cpu":  # as the engine replica does (ServeConfig.cpu_packed_linears); the
-            pack_cpu_linears(model)  # `generate` baseline runs this same model, so the same kernels
+        # As the engine replica loads it (ServeConfig.cpu_packed_linears); the `generate` baseline runs
+        # this same model, so the same kernels.
+        model, tok = load_inference_model(local, dtype, device, pack_linears)
         ct = ConversationTokenizer(tok, get_template("openchat_3.5"))
-        b = ContinuousBatcher(model.to(device), stop_ids=[ct.eot_id, tok.eos_token_id], pad_id=tok.pad_token_id or 0,
+        b = ContinuousBatcher(model, stop_ids=[ct.eot_id, tok.eos_token_id], pad_id=tok.pad_token_id or 0,
                               max_context=int(model.config.max_position_embeddings), max_batch_size=1)
         return cls(b, lambda i: ct.encode_prompt([("user", QUESTIONS[i % len(QUESTIONS)])]))
 
@@ -245,11 +245,11 @@ def engine_only(args, levels: list[int]) -> int:
         from train_throughput import build_model
 
         torch.set_num_threads(max(1, int(args.num_cpus)))
-        model = build_model(args.model, 32002, 4096, args.device, dtype, seed=0).eval()
-        if args.cpu_linears == "packed" and args.device == "cpu":
-            from libs.model import pack_cpu_linears
+        from libs.model import pack_cpu_linears
 
-            pack_cpu_linears(model)
+        model = build_model(args.model, 32002, 4096, args.device, dtype, seed=0).eval()
+        if args.cpu_linears == "packed":
+            pack_cpu_linears(model)  # packs nothing on CUDA
         seq = Sequential.synthetic(model)
         what = f"random-init {args.model} model, 32-token random prompts"
     n_params = sum(p.numel() for p in seq.b.model.parameters())

@@ -174,17 +174,14 @@ def _child(cmd_fd: int, ev_fd: int) -> int:
     import torch
 
     from libs.generation import ContinuousBatcher
-    from libs.model import load_causal_lm, pack_cpu_linears
+    from libs.model import load_inference_model
 
     cmd = os.fdopen(cmd_fd, "rb")
     events = os.fdopen(ev_fd, "wb")
     spec: BatcherSpec = read_frame(cmd)
     try:
         torch.set_num_threads(spec.torch_threads)
-        model, _ = load_causal_lm(spec.model_dir, dtype=getattr(torch, spec.dtype))
-        model.to(spec.device)
-        if spec.pack_cpu_linears and spec.device == "cpu":
-            pack_cpu_linears(model)
+        model, _ = load_inference_model(spec.model_dir, getattr(torch, spec.dtype), spec.device, spec.pack_cpu_linears)
         batcher = ContinuousBatcher(model, stop_ids=list(spec.stop_ids), pad_id=spec.pad_id,
                                     max_context=spec.max_context, max_batch_size=spec.max_batch_size,
                                     max_prefill_tokens=spec.max_prefill_tokens)

@@ -68,6 +68,17 @@ def load_causal_lm(path: str | os.PathLike, dtype=None):
     return model, tok
 
 
+def load_inference_model(path: str | os.PathLike, dtype=None, device: str = "cpu", pack_linears: bool = True):
+    """:func:`load_causal_lm` for generation: in eval mode on ``device``, with :func:`pack_cpu_linears`
+    applied (it packs nothing off the CPU) unless ``pack_linears`` is False. What the serving engine
+    (in its replica or its child process) and the serving benchmark's baselines run."""
+    model, tok = load_causal_lm(path, dtype=dtype)
+    model.to(device).eval()
+    if pack_linears:
+        pack_cpu_linears(model)
+    return model, tok
+
+
 def add_missing_eot(model, tokenizer) -> bool:
     """Adds ``<|end_of_turn|>`` to a base model that lacks it; its embedding is the mean of the others.
 

@@ -26,7 +26,7 @@ from libs.checkpoints import CheckpointRef, fetch_checkpoint
 from libs.config import ServeConfig
 from libs.engine_process import BatcherSpec, EngineProcessDied, ProcessBatcher
 from libs.generation import CompletionText, ContinuousBatcher, SamplingParams, TextDelta
-from libs.model import load_causal_lm, pack_cpu_linears
+from libs.model import load_inference_model
 from libs.templates import get_template
 from libs.tokenization import ConversationTokenizer
 from serve.protocol import EngineChunk, EngineRequest, error_body
@@ -73,10 +73,7 @@ class LLMEngine:
             model, model_config = None, AutoConfig.from_pretrained(str(local))
             self.tokenizer = AutoTokenizer.from_pretrained(str(local))
         else:
-            model, self.tokenizer = load_causal_lm(local, dtype=self._dtype())
-            model.to(device)
-            if self.cfg.cpu_packed_linears and device == "cpu":
-                pack_cpu_linears(model)
+            model, self.tokenizer = load_inference_model(local, self._dtype(), device, self.cfg.cpu_packed_linears)
             model_config = model.config
         self.template = get_template(self.cfg.template)
         self.condition = self.cfg.default_condition
