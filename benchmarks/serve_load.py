@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arms", default="split,combined", help=f"comma-separated app layouts to compare, of {sorted(ARMS)}")
     ap.add_argument("--modes", default="stream,whole", help="streamed and/or non-streamed requests")
     ap.add_argument("--stream-interval-s", type=float, help="ServeConfig.stream_interval_s (default: the config's)")
+    ap.add_argument("--stream-chunk-rate", type=float, help="ServeConfig.stream_chunk_rate (default: the config's; 0 = off)")
     ap.add_argument("--cpu-linears", choices=["packed", "plain"], default="packed",
                     help="CPU: linear layers on oneDNN-packed weights (ServeConfig.cpu_packed_linears, the default) or "
                          "torch's plain F.linear — in the replicas and both sequential baselines alike")
@@ -316,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
             libs.packing.PACKED_SDPA_BACKENDS = None
         return engine_only(args, levels)
     arms = args.arms.split(",")
+    if set(arms) - set(ARMS):
+        ap.error(f"--arms: unknown {sorted(set(arms) - set(ARMS))}; choose from {sorted(ARMS)}")
+    bad = sorted(set(args.modes.split(",")) - {"stream", "whole"})
+    if bad:
+        ap.error(f"--modes: unknown {bad}; use stream and/or whole, comma-separated")
     modes = [m == "stream" for m in args.modes.split(",")]
 
     import ray
@@ -348,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
              log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    extra = {} if args.stream_interval_s is None else {"stream_interval_s": args.stream_interval_s}
+    extra = {k: v for k, v in (("stream_interval_s", args.stream_interval_s), ("stream_chunk_rate", args.stream_chunk_rate))
+             if v is not None}
     urls = {}
     for arm in arms:
         serve.run(build_app({"checkpoint": checkpoint, "model_id": "bench", "api_keys_file": str(tmp / "keys"),

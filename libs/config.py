@@ -185,6 +185,10 @@ class ServeConfig(_Config):
     max_batch_size: int = Field(default=16, gt=0, description="Most requests in an engine replica's running batch (continuous batching); more wait.")
     stream_interval_s: float = Field(
         default=0.02, ge=0, description="Streaming: after the first token, send a stream's new text at most this often (0 = every step).")
+    stream_chunk_rate: float = Field(
+        default=160, ge=0, description="Streaming under load: most chunks per second an engine replica sends across its streams; with more than "
+                    "stream_chunk_rate x stream_interval_s streams sending, each one's interval grows to streams / stream_chunk_rate "
+                    "seconds (at most 0.25 s). A stream's last text is never held back. 0 = stream_interval_s alone.")
     max_prefill_tokens: int = Field(default=8192, gt=0, description="Most prompt tokens prefilled between two decode steps (one request always is).")
     num_replicas: int | None = Field(default=None, gt=0, description="Fixed number of engine replicas; unset = autoscaling between min_replicas and max_replicas.")
     min_replicas: int = Field(default=1, ge=0, description="Autoscaling: fewest engine replicas.")

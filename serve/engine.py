@@ -42,9 +42,25 @@ class PromptError(ValueError):
         self.body = body
 
 
-def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
-    for queue, item in batch:
-        queue.put_nowait(item)
+def _put_all(batch: list[tuple[_Stream, object]]) -> None:
+    for st, item in batch:
+        st.queue.put_nowait(item)
+        if st.pause is not None and (isinstance(item, Exception) or item.finish_reason is not None):
+            st.wake()  # the end of a stream is sent at once, not after the rest of its interval
+
+
+def stream_interval(base_s: float, streams: int, chunk_rate: float, max_s: float = 0.25) -> float:
+    """Seconds a stream waits after sending text before it sends again.
+
+    ``base_s`` (``stream_interval_s``), unless the replica's ``streams`` sending at that pace would
+    send more than ``chunk_rate`` chunks per second: then ``streams / chunk_rate``, at most ``max_s``
+    (never below ``base_s``). Each chunk costs the replica the same work however much text it holds
+    (and in the ``split`` layout a handle hop), so under load fewer, larger chunks leave the CPU to
+    the requests. ``chunk_rate`` 0 keeps ``base_s``.
+    """
+    if chunk_rate <= 0 or base_s <= 0:
+        return base_s
+    return max(base_s, min(max_s, streams / chunk_rate))
 
 
 @dataclass
@@ -55,6 +71,21 @@ class _Stream:
     stream: bool = True
     started: float = field(default_factory=time.perf_counter)
     held: list[str] = field(default_factory=list)  # non-streamed: text kept in the loop thread until the end
+    pause: asyncio.Future | None = None  # set while the stream waits out its interval (event loop only)
+
+    async def wait(self, seconds: float) -> None:
+        """Sleeps ``seconds``, or less when the stream's last item arrives meanwhile (:func:`_put_all`)."""
+        self.pause = self.loop.create_future()
+        timer = self.loop.call_later(seconds, self.wake)
+        try:
+            await self.pause
+        finally:
+            timer.cancel()
+            self.pause = None
+
+    def wake(self) -> None:
+        if self.pause is not None and not self.pause.done():
+            self.pause.set_result(None)
 
 
 class LLMEngine:
@@ -97,6 +128,7 @@ class LLMEngine:
         self._dead: str | None = None  # why the engine process is gone (engine_process only)
         self.metrics = ServeMetrics(self.cfg.model_id or "")
         self._streams: dict[str, _Stream] = {}
+        self._sending = 0  # streams of this replica that have sent text and are not finished (event loop only)
         self._wake = threading.Event()
         self._stop = threading.Event()
         # The loop thread holds the GIL through each step's Python work; a short switch interval lets
@@ -185,7 +217,7 @@ class LLMEngine:
         # writes to the loop's self-pipe and makes it contend for the GIL with this thread.
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for st, item in items:
-            by_loop.setdefault(st.loop, []).append((st.queue, item))
+            by_loop.setdefault(st.loop, []).append((st, item))
         for loop, batch in by_loop.items():
             loop.call_soon_threadsafe(_put_all, batch)
 
@@ -246,7 +278,7 @@ class LLMEngine:
         self.batcher.submit(rid, prompt, params)
         self._wake.set()
         self.metrics.prompt_tokens.inc(len(prompt))
-        finished, texts, produced = False, [], 0
+        finished, texts, produced, sending = False, [], 0, False
         try:
             while not finished:
                 items = [await st.queue.get()]
@@ -271,13 +303,19 @@ class LLMEngine:
                 if text and not finished and self.cfg.stream_interval_s:
                     # The first text goes out at once (tokens that decode to no text yet, e.g. part of
                     # a character, do not start the interval); later text is grouped, so a replica
-                    # sends at most one message per stream per interval however fast it decodes.
-                    await asyncio.sleep(self.cfg.stream_interval_s)
+                    # sends at most one message per stream per interval however fast it decodes, and
+                    # with many streams at most about stream_chunk_rate messages per second in all.
+                    if not sending:
+                        sending = True
+                        self._sending += 1
+                    await st.wait(stream_interval(self.cfg.stream_interval_s, self._sending, self.cfg.stream_chunk_rate))
             if not req.stream:
                 yield EngineChunk(text="".join(texts), finish_reason=last.finish_reason, prompt_tokens=len(prompt),
                                   completion_tokens=produced)
         finally:
             self._streams.pop(rid, None)
+            if sending:
+                self._sending -= 1
             if not finished:  # the caller went away (disconnect, timeout): free the batch slot
                 self.batcher.abort(rid)
                 self._wake.set()
