@@ -45,7 +45,7 @@ class PromptError(ValueError):
 def _put_all(batch: list[tuple[_Stream, object]]) -> None:
     for st, item in batch:
         st.queue.put_nowait(item)
-        if st.pause is not None and (isinstance(item, Exception) or item.finish_reason is not None):
+        if isinstance(item, Exception) or item.finish_reason is not None:
             st.wake()  # the end of a stream is sent at once, not after the rest of its interval
 
 
