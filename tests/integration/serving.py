@@ -37,6 +37,21 @@ def deploy(port: int, name: str, **cfg) -> str:
     return f"http://127.0.0.1:{port}/{name}/v1"
 
 
+def delete_app(name: str, timeout_s: float = 300.0) -> None:
+    """``serve.delete`` with a longer bound than its own 60 s: replicas stop only after the requests
+    they hold end (graceful shutdown), and on a slow machine that took 72 s once for requests the
+    client had abandoned (behind HAProxy, an abandoned non-streamed request is not always cancelled;
+    see README, "Status")."""
+    from ray import serve
+
+    serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while name in serve.status().applications:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"app {name!r} not deleted after {timeout_s} s")
+        time.sleep(0.5)
+
+
 def wait_for_ingress(app: str, replicas: int, timeout_s: float = 30.0) -> None:
     """Where HAProxy is the ingress: waits until it has ``replicas`` ingress replicas of ``app`` UP.
 

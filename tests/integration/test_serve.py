@@ -11,7 +11,7 @@ import urllib.request
 import openai
 import pytest
 
-from tests.integration.serving import deploy, serve_port  # noqa: F401 (fixture)
+from tests.integration.serving import delete_app, deploy, serve_port  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -353,7 +353,7 @@ def test_default_layout_autoscales_up_under_load(serve_port, tiny_model_dir):
     n, finished = asyncio.run(main())
     assert n == 2, "16 times the target of ongoing requests did not add a replica"
     assert all(r.choices[0].finish_reason in ("length", "stop") for r in finished)
-    serve.delete("auto")
+    delete_app("auto")
 
 
 def test_rolling_out_a_new_config_loses_no_request_in_flight_or_arriving(serve_port, tiny_model_dir):
