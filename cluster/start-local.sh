@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RAY=${RAY:-.venv/bin/ray}
 export RAY_AUTH_MODE=token
-# Serve's throughput-optimized runtime with HAProxy ingress (libs/raycfg.py; RAYCHAT_SERVE_INGRESS=proxy keeps Serve's proxy).
-eval "$("${PY:-.venv/bin/python}" -m libs.raycfg --local)"
+# Serve's throughput-optimized runtime with HAProxy ingress (raychat/core/common/ray_env.py; RAYCHAT_SERVE_INGRESS=proxy keeps Serve's proxy).
+eval "$("${PY:-.venv/bin/python}" -m raychat.core.common.ray_env --local)"
 "$RAY" get-auth-token --generate >/dev/null
 "$RAY" start --head --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 --dashboard-port 8265 \
   --metrics-export-port 8080 --num-cpus "${NUM_CPUS:-$(nproc)}" --disable-usage-stats "$@"

@@ -23,14 +23,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from libs.tokenization import build_embedded_tokenizer
+    from raychat.core.data.tokenizer import build_embedded_tokenizer
 
     return build_embedded_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from libs.model import create_embedded_base_model
+    from raychat.core.model.hf import create_embedded_base_model
 
     return create_embedded_base_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
 

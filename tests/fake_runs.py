@@ -1,11 +1,11 @@
-"""A training run's layout without training: HF checkpoints + manifest.json as jobs.train writes them."""
+"""A training run's layout without training: HF checkpoints + manifest.json as raychat.jobs.train writes them."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from libs import storage
+from raychat.core.common import storage
 
 
 def write_run(run_uri: str, checkpoints: list[tuple[Path, int, float]]) -> dict:

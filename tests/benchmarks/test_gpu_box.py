@@ -30,7 +30,7 @@ def _normalised(entry: str) -> str:
 
 @pytest.fixture(scope="module")
 def gpu_box_env(tmp_path_factory):
-    from libs.tokenization import embedded_tokenizer_file
+    from raychat.core.data.tokenizer import embedded_tokenizer_file
 
     site = Path(sysconfig.get_paths()["purelib"])
     shadow = tmp_path_factory.mktemp("site")
@@ -79,7 +79,7 @@ def test_engine_benchmark_runs_without_ray(gpu_box_env):
 def test_session_script_runs_the_gpu_marked_tests_and_their_model_fixture_builds(gpu_box_env, tmp_path):
     # On the GPU box they run; here they are skipped (no CUDA), so also build the fixture they use
     # (the embedded tokenizer from the carried file, then the tiny model), as the box would.
-    run(gpu_box_env, "-c", "import tempfile; from libs.model import create_embedded_base_model; "
+    run(gpu_box_env, "-c", "import tempfile; from raychat.core.model.hf import create_embedded_base_model; "
         "create_embedded_base_model(tempfile.mkdtemp(), seed=0)")
     run(dict(gpu_box_env, PYTHON=f"{sys.executable} -S", OUT=str(tmp_path)), "benchmarks/gpu_session.sh", "tests",
         cmd=("bash",))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from libs.metrics import MetricSpec, prometheus_name
+from raychat.core.common.metric_specs import MetricSpec, prometheus_name
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = sorted(p.name for p in (ROOT / "k8s" / "overlays").iterdir() if p.is_dir())

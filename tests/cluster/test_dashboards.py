@@ -1,5 +1,5 @@
 """cluster/grafana and cluster/prometheus.yml: the dashboards plot only metrics that exist — the ones
-libs/metrics.py declares, under the names Ray's exporter gives them — and plot all of them."""
+raychat/core/common/metric_specs.py declares, under the names Ray's exporter gives them — and plot all of them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 import pytest
 import yaml
 
-from libs.metrics import ALL_METRICS, SERVE_METRICS, TRAIN_METRICS
+from raychat.core.common.metric_specs import ALL_METRICS, SERVE_METRICS, TRAIN_METRICS
 from tests.cluster.conftest import ROOT, exported_series
 
 DASHBOARDS = sorted((ROOT / "cluster" / "grafana").glob("*.json"))

@@ -18,14 +18,14 @@ import yaml
 
 from cluster.k8s_validate import DEFAULT_CRDS, validate_manifest
 from cluster.kustomize import KustomizeError, render
-from libs import storage
-from libs.cli import parse_config
-from libs.config import PretokenizeConfig, ServeConfig, TrainConfig
+from raychat.core.common import storage
+from raychat.core.common.cli import parse_config
+from raychat.core.config import PretokenizeConfig, ServeConfig, TrainConfig
 from tests.cluster.conftest import OVERLAYS, ROOT, cluster_specs, find, pod_templates
 
 RAY_PORTS = {6379, 8265, 10001}
 IMAGE_HOME = "/home/ray/raychat/"  # where cluster/Dockerfile puts the project
-JOB_CONFIGS = {"jobs.pretokenize": PretokenizeConfig, "jobs.train": TrainConfig}
+JOB_CONFIGS = {"raychat.jobs.pretokenize": PretokenizeConfig, "raychat.jobs.train": TrainConfig}
 # Ids "overlay-gpu", not "gpu": a bare "gpu" keyword reads as the gpu marker (skipped without CUDA).
 each_overlay = pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda o: f"overlay-{o}")
 
@@ -189,7 +189,7 @@ def test_serve_config_runs_the_real_builder_with_valid_args(rendered, overlay, s
     (app,) = config.applications
     module, _, attr = app.import_path.partition(":")
     builder = getattr(importlib.import_module(module), attr)
-    assert builder is importlib.import_module("serve.app").build_app
+    assert builder is importlib.import_module("raychat.serve.app").build_app
     cfg = ServeConfig.model_validate(app.args)
     assert cfg.checkpoint.startswith("s3://")
     # The builder resolves the checkpoint (and a run's best/latest): give it one on the moto S3 server.
@@ -249,7 +249,7 @@ def test_one_ray_version_in_pyproject_venv_dockerfile_and_manifests(rendered):
 
 
 def test_every_serve_node_runs_the_serve_runtime_and_haproxy_reaches_replica_ports(rendered):
-    from libs.raycfg import SERVE_RUNTIME_ENV
+    from raychat.core.common.ray_env import SERVE_RUNTIME_ENV
 
     for overlay, docs in rendered.items():
         for where, template in pod_templates(docs).items():

@@ -28,7 +28,7 @@ def test_upload_leaves_out_venv_runs_and_git_and_stays_small(tmp_path):
     with zipfile.ZipFile(tmp_path / "pkg.zip") as pkg:
         names = pkg.namelist()
     tops = {n.split("/")[0] for n in names}
-    assert {"libs", "jobs", "serve", "cluster", "pyproject.toml"} <= tops
+    assert {"raychat", "configs", "cluster", "pyproject.toml"} <= tops
     assert not tops & {".venv", "runs", ".git", ".pytest_cache"}, tops
     assert not [n for n in names if "__pycache__" in n]
     assert (tmp_path / "pkg.zip").stat().st_size < 5 * 2**20

@@ -14,7 +14,7 @@ def ray_local(s3_server):
     # The moto endpoint/credentials are in os.environ before Ray starts, so every worker inherits them.
     import ray
 
-    from libs.raycfg import apply_local_ray_env
+    from raychat.core.common.ray_env import apply_local_ray_env
 
     apply_local_ray_env()  # Serve as raychat clusters run it: HAProxy ingress, throughput-optimized
     os.environ.update(serve_side_ports_env())

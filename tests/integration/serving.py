@@ -28,8 +28,8 @@ def deploy(port: int, name: str, **cfg) -> str:
     once the HTTP ingress routes to every ingress replica."""
     from ray import serve
 
-    from libs.config import ServeConfig
-    from serve.app import build_app
+    from raychat.core.config import ServeConfig
+    from raychat.serve.app import build_app
 
     serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
     c = ServeConfig.model_validate(cfg)
@@ -77,8 +77,8 @@ def wait_for_ingress(app: str, replicas: int, timeout_s: float = 30.0) -> None:
 
 def local_greedy(model_dir, max_tokens: int = 8) -> str:
     """What the checkpoint's weights generate in-process for PROMPT (greedy), without Ray or HTTP."""
-    from libs.generation import ContinuousBatcher, SamplingParams
-    from libs.model import load_causal_lm
+    from raychat.core.infer.batcher import ContinuousBatcher, SamplingParams
+    from raychat.core.model.hf import load_causal_lm
 
     model, tok = load_causal_lm(model_dir)
     b = ContinuousBatcher(model, stop_ids=[32000, tok.eos_token_id], pad_id=32001, max_context=2048)

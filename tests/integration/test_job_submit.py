@@ -28,9 +28,9 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from libs import storage
-from libs.metrics import get
-from libs.raycfg import local_ray_env
+from raychat.core.common import storage
+from raychat.core.common.metric_specs import get
+from raychat.core.common.ray_env import local_ray_env
 from tests.cluster.conftest import exported_series
 from tests.conftest import free_port, serve_side_ports_env
 
@@ -128,9 +128,9 @@ def readme_command(module: str) -> str:
 
 def test_readme_ray_job_submit_runs_pretokenize_to_succeeded(ray_head, tmp_path):
     env = ray_head.env | {"RAY_API_SERVER_ADDRESS": ray_head.dashboard}
-    subprocess.run([str(BIN / "python"), "-m", "jobs.make_sample", "--output", f"{tmp_path}/runs/sample.jsonl"],
+    subprocess.run([str(BIN / "python"), "-m", "raychat.jobs.make_sample", "--output", f"{tmp_path}/runs/sample.jsonl"],
                    env=env, cwd=ROOT, check=True, timeout=120)
-    command = readme_command("jobs.pretokenize").replace("$PWD", str(tmp_path))
+    command = readme_command("raychat.jobs.pretokenize").replace("$PWD", str(tmp_path))
     argv = shlex.split(command)
     argv[0] = str(BIN / "ray")
     result = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -142,7 +142,7 @@ def test_readme_ray_job_submit_runs_pretokenize_to_succeeded(ray_head, tmp_path)
         assert time.monotonic() < deadline, job
         time.sleep(1)
     assert job["status"] == "SUCCEEDED", job.get("message")
-    assert job["entrypoint"].startswith("python -m jobs.pretokenize --config jobs/configs/pretokenize-sample.yaml")
+    assert job["entrypoint"].startswith("python -m raychat.jobs.pretokenize --config configs/data/pretokenize-sample.yaml")
     assert job["runtime_env"]["working_dir"].startswith("gcs://_ray_pkg_")
 
     out = tmp_path / "runs" / "jobs" / "tokenized"
@@ -158,7 +158,7 @@ METRICS_SCRIPT = """
 import json, sys, time, urllib.request
 import ray
 from ray.util.metrics import Counter, Gauge, Histogram
-from libs.metrics import get
+from raychat.core.common.metric_specs import get
 ray.init(address=sys.argv[1], log_to_driver=False)
 c, h, g = (get(n) for n in ("raychat_requests", "raychat_time_to_first_token_seconds", "raychat_queue_length"))
 Counter(c.name, c.description, c.tag_keys).inc(3, tags={"model": "m", "route": "/v1/chat/completions", "status": "200"})

@@ -14,8 +14,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def pipeline(ray_local, tmp_path_factory):
-    from jobs.pipeline import run
-    from libs.config import PipelineConfig
+    from raychat.jobs.pipeline import run
+    from raychat.core.config import PipelineConfig
 
     import os
 

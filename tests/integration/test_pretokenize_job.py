@@ -5,9 +5,9 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from libs import storage
-from libs.pretokenize import METADATA_KEY
-from libs.sample_data import sample_jsonl
+from raychat.core.common import storage
+from raychat.core.data.rows import METADATA_KEY
+from raychat.core.data.sample import sample_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -36,8 +36,8 @@ CFG = dict(sources={"gpt4": {"condition": "GPT4 Correct", "weight": 1.0}, "gpt35
 
 
 def test_mixed_inputs_every_row_accounted_for(ray_local, tmp_path):
-    from jobs.pretokenize import run
-    from libs.config import PretokenizeConfig
+    from raychat.jobs.pretokenize import run
+    from raychat.core.config import PretokenizeConfig
 
     write_inputs(tmp_path)
     report = run(PretokenizeConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), **CFG))
@@ -67,8 +67,8 @@ def test_mixed_inputs_every_row_accounted_for(ray_local, tmp_path):
 
 
 def test_strict_fails_naming_file_index_and_reason(ray_local, tmp_path):
-    from jobs.pretokenize import run
-    from libs.config import PretokenizeConfig
+    from raychat.jobs.pretokenize import run
+    from raychat.core.config import PretokenizeConfig
 
     write_inputs(tmp_path)
     with pytest.raises(SystemExit, match=r"--strict: bad row: .*part-0.jsonl record 6: unknown_role"):
@@ -77,8 +77,8 @@ def test_strict_fails_naming_file_index_and_reason(ray_local, tmp_path):
 
 
 def test_s3_in_s3_out(ray_local, s3_bucket):
-    from jobs.pretokenize import run
-    from libs.config import PretokenizeConfig
+    from raychat.jobs.pretokenize import run
+    from raychat.core.config import PretokenizeConfig
 
     storage.write_text(f"s3://{s3_bucket}/in/a.jsonl", sample_jsonl(30))
     storage.write_text(f"s3://{s3_bucket}/in/b.json", json.dumps([sharegpt(i) for i in range(3)]))
@@ -94,8 +94,8 @@ def test_s3_in_s3_out(ray_local, s3_bucket):
 
 
 def test_refuses_non_empty_output_and_missing_input(ray_local, tmp_path):
-    from jobs.pretokenize import run
-    from libs.config import PretokenizeConfig
+    from raychat.jobs.pretokenize import run
+    from raychat.core.config import PretokenizeConfig
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x.parquet").write_text("")

@@ -69,8 +69,8 @@ def test_models_lists_the_model_and_where_it_came_from(api, tiny_model_dir):
 
 
 def test_chat_usage_counts_the_templated_prompt_and_generated_tokens(api, tokenizer):
-    from libs.templates import get_template
-    from libs.tokenization import ConversationTokenizer
+    from raychat.core.data.templates import get_template
+    from raychat.core.data.tokenizer import ConversationTokenizer
 
     r = client(api).chat.completions.create(model="tiny", messages=MSG, max_tokens=5, temperature=0)
     ct = ConversationTokenizer(tokenizer, get_template("openchat_3.5"))
@@ -82,8 +82,8 @@ def test_chat_usage_counts_the_templated_prompt_and_generated_tokens(api, tokeni
 
 
 def test_system_message_and_condition_change_the_prompt(api, tokenizer):
-    from libs.templates import get_template
-    from libs.tokenization import ConversationTokenizer
+    from raychat.core.data.templates import get_template
+    from raychat.core.data.tokenizer import ConversationTokenizer
 
     ct = ConversationTokenizer(tokenizer, get_template("openchat_3.5"))
     c = client(api)
@@ -216,7 +216,7 @@ def test_bad_json_oversized_body_and_unknown_route_answer_in_openai_format(api):
 def test_other_layout_and_engine_mode_serve_the_same_text_whole_and_streamed(api, serve_port, tiny_model_dir):
     from ray import serve
 
-    from libs.config import ServeConfig
+    from raychat.core.config import ServeConfig
 
     # The default layout and engine mode serve `api`; this app has the other layout and the other
     # engine mode (the batching loop as a thread of the replica, or in a child process).
@@ -360,7 +360,7 @@ def test_rolling_out_a_new_config_loses_no_request_in_flight_or_arriving(serve_p
     import ray
     from ray import serve
 
-    from serve.app import build_app
+    from raychat.serve.app import build_app
 
     # What a new checkpoint in the RayService does: the same app with other args, so every replica is
     # replaced while requests run and keep coming (default layout: the replicas are the ingress).
@@ -406,7 +406,7 @@ def _engine_processes() -> set[int]:
     """PIDs of the engine child processes (``engine_process``) running on this machine."""
     import psutil
 
-    return {p.pid for p in psutil.process_iter(["cmdline"]) if "libs.engine_process" in (p.info["cmdline"] or [])}
+    return {p.pid for p in psutil.process_iter(["cmdline"]) if "raychat.core.infer.engine_process" in (p.info["cmdline"] or [])}
 
 
 def _kill_a_replica_mid_load(app: str, c: openai.AsyncOpenAI) -> list[tuple]:

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_best_and_latest_checkpoints_of_an_s3_run_are_served(serve_port, s3_bucket, tiny_model_dir, tmp_path):
-    from libs.model import create_embedded_base_model
+    from raychat.core.model.hf import create_embedded_base_model
 
     other = create_embedded_base_model(tmp_path / "other", seed=1)  # different weights
     run = f"s3://{s3_bucket}/runs/crlft"

@@ -7,7 +7,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from libs import storage
+from raychat.core.common import storage
 
 pytestmark = pytest.mark.integration
 

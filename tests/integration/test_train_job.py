@@ -15,9 +15,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def tokenized(ray_local, tmp_path_factory):
-    from jobs.pretokenize import run
-    from libs.config import PretokenizeConfig
-    from libs.sample_data import sample_jsonl
+    from raychat.jobs.pretokenize import run
+    from raychat.core.config import PretokenizeConfig
+    from raychat.core.data.sample import sample_jsonl
 
     root = tmp_path_factory.mktemp("train-data")
     (root / "in.jsonl").write_text(sample_jsonl(96, include_bad_rows=False))
@@ -26,7 +26,7 @@ def tokenized(ray_local, tmp_path_factory):
 
 
 def cfg(tokenized, out, **kw):
-    from libs.config import TrainConfig
+    from raychat.core.config import TrainConfig
 
     base = dict(data=tokenized, output=str(out), name="run", batch_max_len=256, learning_rate=1e-3, warmup_steps=2,
                 eval_fraction=0.1, epochs=5)
@@ -34,7 +34,7 @@ def cfg(tokenized, out, **kw):
 
 
 def test_rerun_resumes_from_latest_checkpoint_with_same_history(tokenized, tmp_path):
-    from jobs.train import run
+    from raychat.jobs.train.driver import run
 
     first = run(cfg(tokenized, tmp_path, max_steps=6, checkpoint_every=3))
     second = run(cfg(tokenized, tmp_path, max_steps=12, checkpoint_every=3))
@@ -63,7 +63,7 @@ def _kill_first_train_worker_after_checkpoint(run_dir: Path, killed: list, deadl
 
 
 def test_killed_worker_restarts_from_checkpoint_and_finishes(tokenized, tmp_path):
-    from jobs.train import run
+    from raychat.jobs.train.driver import run
     from transformers import AutoModelForCausalLM
 
     killed: list = []
@@ -82,9 +82,9 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(tokenized, tmp_path
 def test_data_from_another_tokenizer_is_refused(tokenized, tmp_path):
     import shutil
 
-    from jobs.train import run
-    from libs.model import create_embedded_base_model
-    from libs.tokenization import build_embedded_tokenizer
+    from raychat.jobs.train.driver import run
+    from raychat.core.model.hf import create_embedded_base_model
+    from raychat.core.data.tokenizer import build_embedded_tokenizer
 
     base = create_embedded_base_model(tmp_path / "base")
     tok = build_embedded_tokenizer()
@@ -97,7 +97,7 @@ def test_data_from_another_tokenizer_is_refused(tokenized, tmp_path):
 
 @pytest.mark.slow
 def test_two_workers_with_zero3_accumulation_and_checkpointing_train_on_packed_steps(tokenized, tmp_path):
-    from jobs.train import run
+    from raychat.jobs.train.driver import run
     from transformers import AutoModelForCausalLM
 
     s = run(cfg(tokenized, tmp_path, num_workers=2, cpus_per_worker=0.5, zero_stage=3, grad_accum=2,
@@ -109,9 +109,9 @@ def test_two_workers_with_zero3_accumulation_and_checkpointing_train_on_packed_s
         assert h["packing_efficiency"] == pytest.approx(h["tokens"] / budget)
         assert h["grad_norm"] > 0 and h["lr"] > 0
     assert s["packing_efficiency"][0] >= 0.9
-    # Every step metric reaches Prometheus under a name the dashboards know (libs/metrics.py).
-    from jobs.train import _GAUGE_OF
-    from libs.metrics import TRAIN_METRICS
+    # Every step metric reaches Prometheus under a name the dashboards know (raychat/core/common/metric_specs.py).
+    from raychat.jobs.train.driver import _GAUGE_OF
+    from raychat.core.common.metric_specs import TRAIN_METRICS
 
     assert set(_GAUGE_OF.values()) == {m.name for m in TRAIN_METRICS}
     assert set(_GAUGE_OF) - {"eval_loss"} <= set(s["history"][-1]) and s["eval_loss"] is not None
@@ -124,7 +124,7 @@ def test_lora_run_saves_a_merged_model_that_differs_from_the_base_and_tensorboar
     pytest.importorskip("peft")
     pytest.importorskip("tensorboard")
     import torch
-    from jobs.train import run
+    from raychat.jobs.train.driver import run
     from transformers import AutoModelForCausalLM
 
     s = run(cfg(tokenized, tmp_path, lora_r=4, learning_rate=5e-2, warmup_steps=0, max_steps=2, eval_fraction=0,

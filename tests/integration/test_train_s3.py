@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from libs import storage
-from libs.sample_data import sample_jsonl
+from raychat.core.common import storage
+from raychat.core.data.sample import sample_jsonl
 from tests.integration.serving import local_greedy, serve_port, serve_run  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
@@ -22,9 +22,9 @@ def trained(ray_local, s3_server):
     rises at the end was not found deterministically within the suite's time budget."""
     import boto3
 
-    from jobs.pretokenize import run as pretokenize
-    from jobs.train import run as train
-    from libs.config import PretokenizeConfig, TrainConfig
+    from raychat.jobs.pretokenize import run as pretokenize
+    from raychat.jobs.train.driver import run as train
+    from raychat.core.config import PretokenizeConfig, TrainConfig
 
     bucket = f"raychat-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from libs import storage
+from raychat.core.common import storage
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -32,16 +32,16 @@ def test_two_workers_on_two_nodes_train_from_and_checkpoint_to_s3_only(s3_server
     script = textwrap.dedent(f"""
         import json, ray
         from ray.cluster_utils import Cluster
-        from libs import storage
-        from libs.sample_data import sample_jsonl
+        from raychat.core.common import storage
+        from raychat.core.data.sample import sample_jsonl
         cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 2}})
         cluster.add_node(num_cpus=2)
         ray.init(address=cluster.address)
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         storage.write_text("s3://{s3_bucket}/in.jsonl", sample_jsonl(80, include_bad_rows=False))
-        from jobs.pretokenize import run as pretokenize
-        from jobs.train import run as train
-        from libs.config import PretokenizeConfig, TrainConfig
+        from raychat.jobs.pretokenize import run as pretokenize
+        from raychat.jobs.train.driver import run as train
+        from raychat.core.config import PretokenizeConfig, TrainConfig
         pretokenize(PretokenizeConfig(input="s3://{s3_bucket}/in.jsonl", output="s3://{s3_bucket}/tok", num_actors=2))
         s = train(TrainConfig(data="s3://{s3_bucket}/tok", output="s3://{s3_bucket}/runs", name="two", num_workers=2,
                               placement_strategy="STRICT_SPREAD", batch_max_len=256, max_steps=4, checkpoint_every=2,

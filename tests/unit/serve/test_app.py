@@ -1,8 +1,8 @@
 import pytest
 from pydantic import ValidationError
 
-from libs.config import ServeConfig
-from serve.app import ADMISSION_HEADROOM, SHUTDOWN_MARGIN_S, build_app, engine_options
+from raychat.core.config import ServeConfig
+from raychat.serve.app import ADMISSION_HEADROOM, SHUTDOWN_MARGIN_S, build_app, engine_options
 
 
 def test_engine_autoscales_by_default_with_queue_limit_answering_429():

@@ -1,12 +1,12 @@
-"""Stream pacing of the engine replica (serve/engine.py), without Ray or a model."""
+"""Stream pacing of the engine replica (raychat/serve/engine.py), without Ray or a model."""
 
 import asyncio
 import time
 
 import pytest
 
-from libs.generation import TextDelta
-from serve.engine import _put_all, _Stream, stream_interval
+from raychat.core.infer.batcher import TextDelta
+from raychat.serve.engine import _put_all, _Stream, stream_interval
 
 
 @pytest.mark.parametrize("streams, expected", [(1, 0.02), (3, 0.02), (4, 0.025), (16, 0.1), (40, 0.25), (200, 0.25)])

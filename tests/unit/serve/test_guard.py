@@ -1,4 +1,4 @@
-"""serve.router.OpenAIGuard's admission limit (layout combined), driven as plain ASGI."""
+"""raychat.serve.ingress.OpenAIGuard's admission limit (layout combined), driven as plain ASGI."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import json
 from types import SimpleNamespace
 
-from serve.router import OpenAIGuard
+from raychat.serve.ingress import OpenAIGuard
 
 
 def test_rejected_requests_get_openai_429_and_leave_the_in_flight_count_alone():

@@ -1,8 +1,8 @@
 import pytest
 from pydantic import ValidationError
 
-from serve.protocol import ChatCompletionRequest, CompletionRequest, EngineRequest, error_body
-from serve.router import choice_requests, to_engine_request
+from raychat.serve.protocol import ChatCompletionRequest, CompletionRequest, EngineRequest, error_body
+from raychat.serve.ingress import choice_requests, to_engine_request
 
 
 def req(**kw):
@@ -84,7 +84,7 @@ def test_whole_answers_serialise_to_what_fastapis_generic_path_gave():
 
     from fastapi.encoders import jsonable_encoder
 
-    from serve.protocol import AssistantMessage, ChatChoice, ChatCompletion, Completion, CompletionChoice, Usage
+    from raychat.serve.protocol import AssistantMessage, ChatChoice, ChatCompletion, Completion, CompletionChoice, Usage
 
     usage = Usage.of(5, 7)
     chat = ChatCompletion(model="m", usage=usage, choices=[
