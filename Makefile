@@ -11,7 +11,7 @@ PIP_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 EXTRAS ?= dev
 comma := ,
 
-.PHONY: setup demo test clean gpu-bundle gpu-serve-bundle
+.PHONY: setup demo test lint format clean gpu-bundle gpu-serve-bundle
 
 $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml $(CONSTRAINTS)
 	@echo "==> installing raychat[$(EXTRAS)] into $(VENV) ($(if $(CONSTRAINTS),constraints: $(CONSTRAINTS),no constraints))"
@@ -22,10 +22,18 @@ $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml $(CONSTRAINTS)
 setup: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))  ## create the virtualenv with everything installed
 
 demo: setup  ## sample data -> pretokenize -> train -> serve -> ask, on the embedded default
-	$(PY) -m raychat.jobs.pipeline $(ARGS)
+	$(VENV)/bin/raychat pipeline $(ARGS)
 
 test: setup  ## unit + integration tests (real local Ray, moto S3 on loopback)
 	$(PY) -m pytest $(ARGS)
+
+lint: setup  ## ruff: lint and formatting check (CI runs this)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup  ## ruff: fix what can be fixed and format
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 gpu-bundle: setup  ## what benchmarks/gpu_session.sh needs on a GPU machine without mistral-common: .gpu/
 	mkdir -p .gpu

@@ -45,7 +45,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from train_throughput import _sync, build_model, make_optimizer, synthetic_rows  # noqa: E402
 
 CHUNK = 64 * 1024 * 1024  # Ray Train's copy chunk size
@@ -65,8 +64,14 @@ def copy_tree(src: str, dest: str) -> None:
 
     fs, path = resolve(dest)
     fs.create_dir(path, recursive=True)
-    pafs.copy_files(src, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs,
-                    use_threads=not isinstance(fs, pafs.S3FileSystem), chunk_size=CHUNK)
+    pafs.copy_files(
+        src,
+        path,
+        source_filesystem=pafs.LocalFileSystem(),
+        destination_filesystem=fs,
+        use_threads=not isinstance(fs, pafs.S3FileSystem),
+        chunk_size=CHUNK,
+    )
 
 
 def remove_tree(dest: str) -> None:
@@ -94,7 +99,7 @@ class Upload:
         t0 = time.perf_counter()
         try:
             copy_tree(self.src, self.dest)
-        except BaseException as e:  # noqa: BLE001 - re-raised by join()
+        except BaseException as e:
             self.error = e
         self.seconds = time.perf_counter() - t0
         self.done.set()
@@ -111,8 +116,11 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(100):  # up to 10 s
         try:
@@ -123,8 +131,14 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     else:
         proc.kill()
         raise RuntimeError("moto server did not start")
-    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"})
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1",
+        }
+    )
     import boto3
 
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="raychat-bench")
@@ -144,7 +158,9 @@ def main() -> int:
     from raychat.core.train.step import forward_packed_ce
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", choices=["tiny", "1b"], default="tiny", help="tiny: the embedded test model; 1b: 0.85B Mistral")
+    ap.add_argument(
+        "--model", choices=["tiny", "1b"], default="tiny", help="tiny: the embedded test model; 1b: 0.85B Mistral"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     ap.add_argument("--batch-max-len", type=int, default=4096, help="token budget per step")
@@ -153,7 +169,9 @@ def main() -> int:
     ap.add_argument("--blocks", type=int, default=6, help="checkpoint intervals (one upload each)")
     ap.add_argument("--warmup-steps", type=int, default=5)
     ap.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    ap.add_argument("--dest", default=None, help="'moto' (default with moto installed), s3://bucket/prefix or a local directory")
+    ap.add_argument(
+        "--dest", default=None, help="'moto' (default with moto installed), s3://bucket/prefix or a local directory"
+    )
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if args.torch_threads:
@@ -204,10 +222,12 @@ def main() -> int:
         ckpt = workdir / "checkpoint"
         nbytes = write_checkpoint(model, opt, ckpt)
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"{args.model} model ({n_params / 1e6:,.1f}M parameters) on {args.device} ({args.dtype}), "
-              f"{torch.get_num_threads()} torch threads; checkpoint {nbytes / 2**20:,.1f} MiB "
-              f"(model + optimizer state) uploaded to {where}, {args.blocks} times",
-              flush=True)
+        print(
+            f"{args.model} model ({n_params / 1e6:,.1f}M parameters) on {args.device} ({args.dtype}), "
+            f"{torch.get_num_threads()} torch threads; checkpoint {nbytes / 2**20:,.1f} MiB "
+            f"(model + optimizer state) uploaded to {where}, {args.blocks} times",
+            flush=True,
+        )
         quiet: list[float] = []
         during: list[float] = []
         uploads: list[float] = []
@@ -224,9 +244,12 @@ def main() -> int:
             remove_tree(target)  # keep the sink small (moto holds objects in memory)
             during.extend(block_during)
             quiet.extend(block_quiet)
-            print(f"  checkpoint {b + 1}: upload {uploads[-1]:6.2f} s; {len(block_during):3d} steps during it "
-                  f"(median {statistics.median(block_during) * 1e3:8.1f} ms), {len(block_quiet):3d} after "
-                  f"(median {statistics.median(block_quiet) * 1e3:8.1f} ms)", flush=True)
+            print(
+                f"  checkpoint {b + 1}: upload {uploads[-1]:6.2f} s; {len(block_during):3d} steps during it "
+                f"(median {statistics.median(block_during) * 1e3:8.1f} ms), {len(block_quiet):3d} after "
+                f"(median {statistics.median(block_quiet) * 1e3:8.1f} ms)",
+                flush=True,
+            )
 
         med_q, med_u = statistics.median(quiet), statistics.median(during)
         p90_q, p90_u = np.percentile(quiet, 90), np.percentile(during, 90)
@@ -235,13 +258,19 @@ def main() -> int:
         print(f"{'steps':34s} {'n':>4s} {'median ms':>10s} {'p90 ms':>8s}")
         print(f"{'with no upload':34s} {len(quiet):4d} {med_q * 1e3:10.1f} {p90_q * 1e3:8.1f}")
         print(f"{'during a checkpoint upload':34s} {len(during):4d} {med_u * 1e3:10.1f} {p90_u * 1e3:8.1f}")
-        print(f"upload of {nbytes / 2**20:,.1f} MiB: median {statistics.median(uploads):.2f} s "
-              f"({nbytes / 2**20 / statistics.median(uploads):,.1f} MiB/s)")
+        print(
+            f"upload of {nbytes / 2**20:,.1f} MiB: median {statistics.median(uploads):.2f} s "
+            f"({nbytes / 2**20 / statistics.median(uploads):,.1f} MiB/s)"
+        )
         lost = sum(during) - len(during) * med_q
-        print(f"training time lost to the uploads: {lost:.2f} s in all, {lost / args.blocks:.2f} s per checkpoint "
-              f"({lost / args.blocks / med_q:.1f} steps' worth)")
-        print(f"step time during upload / without = {ratio:.2f}x (target ≤ 1.1x on GPU) -> "
-              f"{'MET' if ratio <= 1.1 else 'NOT MET'}")
+        print(
+            f"training time lost to the uploads: {lost:.2f} s in all, {lost / args.blocks:.2f} s per checkpoint "
+            f"({lost / args.blocks / med_q:.1f} steps' worth)"
+        )
+        print(
+            f"step time during upload / without = {ratio:.2f}x (target ≤ 1.1x on GPU) -> "
+            f"{'MET' if ratio <= 1.1 else 'NOT MET'}"
+        )
         return 0
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

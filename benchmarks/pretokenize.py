@@ -82,7 +82,10 @@ def main() -> int:
         src = Path(src)
         texts = message_texts(src)
         tok = build_embedded_tokenizer()
-        print(f"ShareGPT V3: {src.stat().st_size / 1e6:.0f} MB, {len(texts):,} message texts, {os.cpu_count()} CPUs", flush=True)
+        print(
+            f"ShareGPT V3: {src.stat().st_size / 1e6:.0f} MB, {len(texts):,} message texts, {os.cpu_count()} CPUs",
+            flush=True,
+        )
 
         raw_hf, raw_rust, job_wall, proc_wall, reports = [], [], [], [], []
         with tempfile.TemporaryDirectory() as tmp:
@@ -95,8 +98,11 @@ def main() -> int:
                 proc_wall.append(wall)
                 job_wall.append(rep["wall_time_s"])
                 reports.append(rep)
-                print(f"  repeat {r + 1}: raw tokenizer(texts) {raw_hf[-1]:.1f}s, raw rust {raw_rust[-1]:.1f}s, "
-                      f"job {job_wall[-1]:.1f}s (process {wall:.1f}s)", flush=True)
+                print(
+                    f"  repeat {r + 1}: raw tokenizer(texts) {raw_hf[-1]:.1f}s, raw rust {raw_rust[-1]:.1f}s, "
+                    f"job {job_wall[-1]:.1f}s (process {wall:.1f}s)",
+                    flush=True,
+                )
 
             rss = {}
             for scale in [int(s) for s in args.scales.split(",")]:
@@ -111,16 +117,21 @@ def main() -> int:
                         shutil.copy(src, d / f"sharegpt-{i}.json")
                 wall, rep = run_job(sorted(d.iterdir()), tmp / f"out-x{scale}", ["--no-dedupe"])
                 rss[scale] = (rep["driver_peak_rss_mb"], rep["read"], rep["wall_time_s"])
-                print(f"  {scale}x input: {rep['read']:,} rows read, driver peak RSS {rep['driver_peak_rss_mb']} MB, "
-                      f"job {rep['wall_time_s']:.1f}s", flush=True)
+                print(
+                    f"  {scale}x input: {rep['read']:,} rows read, driver peak RSS {rep['driver_peak_rss_mb']} MB, "
+                    f"job {rep['wall_time_s']:.1f}s",
+                    flush=True,
+                )
 
     rep = reports[0]
     med = statistics.median
     hf, ru, jw, pw = med(raw_hf), med(raw_rust), med(job_wall), med(proc_wall)
     print()
-    print(f"rows: read {rep['read']:,} = written {rep['written']:,} + quarantined {rep['quarantined']:,} + dropped {rep['dropped']:,}; "
-          f"tokens {rep['tokens']:,} (raw message tokens {n_tokens:,})")
-    print(f"{'measurement (median of %d)' % args.repeats:44s} {'seconds':>8s} {'vs tokenizer(texts)':>20s}")
+    print(
+        f"rows: read {rep['read']:,} = written {rep['written']:,} + quarantined {rep['quarantined']:,} + dropped {rep['dropped']:,}; "
+        f"tokens {rep['tokens']:,} (raw message tokens {n_tokens:,})"
+    )
+    print(f"{f'measurement (median of {args.repeats})':44s} {'seconds':>8s} {'vs tokenizer(texts)':>20s}")
     for name, v in [
         ("raw tokenizer(texts), batches of 512", hf),
         ("raw Rust encode_batch_fast (all cores)", ru),
@@ -129,7 +140,7 @@ def main() -> int:
     ]:
         print(f"{name:44s} {v:8.1f} {v / hf:19.2f}x")
     print(f"target: job ≤ 1.30x raw tokenizer(texts) -> {'MET' if jw <= 1.3 * hf else 'NOT MET'} ({jw / hf:.2f}x)")
-    print(f"driver peak RSS: " + ", ".join(f"{s}x input ({r:,} rows): {m} MB" for s, (m, r, _) in sorted(rss.items())))
+    print("driver peak RSS: " + ", ".join(f"{s}x input ({r:,} rows): {m} MB" for s, (m, r, _) in sorted(rss.items())))
     return 0
 
 

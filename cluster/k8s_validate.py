@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,9 @@ import yaml
 
 # The KubeRay v1.7 CRDs: ../shared/kuberay/crds beside the checkout, or wherever RAYCHAT_KUBERAY_CRDS points
 # (a checkout cloned elsewhere).
-DEFAULT_CRDS = Path(os.environ.get("RAYCHAT_KUBERAY_CRDS")
-                    or Path(__file__).resolve().parents[1].parent / "shared" / "kuberay" / "crds")
+DEFAULT_CRDS = Path(
+    os.environ.get("RAYCHAT_KUBERAY_CRDS") or Path(__file__).resolve().parents[1].parent / "shared" / "kuberay" / "crds"
+)
 _INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -70,7 +70,8 @@ def validate_schema(value: Any, schema: dict, path: str = "") -> list[str]:
 
 def _type_name(value: Any) -> str:
     return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}.get(
-        type(value), type(value).__name__)
+        type(value), type(value).__name__
+    )
 
 
 def _check(value: Any, schema: dict, path: str, errors: list[str]) -> None:
@@ -103,7 +104,9 @@ def _check(value: Any, schema: dict, path: str, errors: list[str]) -> None:
         if "pattern" in schema and not re.search(schema["pattern"], value):
             errors.append(f"{where}: {value!r} does not match {schema['pattern']}")
         if len(value) > schema.get("maxLength", len(value)) or len(value) < schema.get("minLength", 0):
-            errors.append(f"{where}: length {len(value)} outside [{schema.get('minLength', 0)}, {schema.get('maxLength')}]")
+            errors.append(
+                f"{where}: length {len(value)} outside [{schema.get('minLength', 0)}, {schema.get('maxLength')}]"
+            )
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         low, high = _INT_RANGES.get(schema.get("format", ""), (None, None))
         low, high = schema.get("minimum", low), schema.get("maximum", high)
@@ -197,21 +200,30 @@ def _schemas(crd_dir: str) -> dict[tuple[str, str], dict]:
     selector = ingress["properties"]["from"]["items"]["properties"]["podSelector"]
     envelope = {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"}}
     schemas[("networking.k8s.io/v1", "NetworkPolicy")] = {
-        "type": "object", "required": ["spec"],
-        "properties": {**envelope, "spec": {
-            "type": "object", "required": ["podSelector"],
-            "properties": {
-                "podSelector": selector,
-                "policyTypes": {"type": "array", "items": {"type": "string", "enum": ["Ingress", "Egress"]}},
-                "ingress": {"type": "array", "items": ingress},
-                "egress": {"type": "array", "items": egress},
-            }}},
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            **envelope,
+            "spec": {
+                "type": "object",
+                "required": ["podSelector"],
+                "properties": {
+                    "podSelector": selector,
+                    "policyTypes": {"type": "array", "items": {"type": "string", "enum": ["Ingress", "Egress"]}},
+                    "ingress": {"type": "array", "items": ingress},
+                    "egress": {"type": "array", "items": egress},
+                },
+            },
+        },
     }
     pod_spec = cluster_spec["headGroupSpec"]["properties"]["template"]["properties"]["spec"]["properties"]
     schemas[("v1", "ServiceAccount")] = {
         "type": "object",
-        "properties": {**envelope, "automountServiceAccountToken": {"type": "boolean"},
-                       "imagePullSecrets": pod_spec["imagePullSecrets"]},
+        "properties": {
+            **envelope,
+            "automountServiceAccountToken": {"type": "boolean"},
+            "imagePullSecrets": pod_spec["imagePullSecrets"],
+        },
     }
     return schemas
 

@@ -77,8 +77,12 @@ def _apply_patch(docs: list[dict[str, Any]], patch: dict[str, Any], root: Path) 
         target = {"kind": body["kind"], "name": body["metadata"]["name"]}
     if set(target) - {"kind", "name"}:
         raise KustomizeError(f"targets select by kind and name only, got {sorted(target)}")
-    matched = [d for d in docs if d.get("kind") == target.get("kind", d.get("kind"))
-               and d["metadata"]["name"] == target.get("name", d["metadata"]["name"])]
+    matched = [
+        d
+        for d in docs
+        if d.get("kind") == target.get("kind", d.get("kind"))
+        and d["metadata"]["name"] == target.get("name", d["metadata"]["name"])
+    ]
     if not matched:
         raise KustomizeError(f"patch target {target} matches no resource")
     for doc in matched:

@@ -1,17 +1,17 @@
 """``raychat <command>``: one console script for every stage (each also runs as ``python -m <module>``).
 
-    raychat make-sample --output runs/sample.jsonl
-    raychat pretokenize --input runs/sample.jsonl --output runs/tokenized
-    raychat train --data runs/tokenized --output runs/train
-    raychat serve --checkpoint runs/train/train
-    raychat pipeline                      # all of the above on the embedded default
+raychat make-sample --output runs/sample.jsonl
+raychat pretokenize --input runs/sample.jsonl --output runs/tokenized
+raychat train --data runs/tokenized --output runs/train
+raychat serve --checkpoint runs/train/train
+raychat pipeline                      # all of the above on the embedded default
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 #: command → (module whose ``main(argv)`` runs it, one line of help). ``ray job submit`` runs the modules.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -26,8 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: raychat <command> [options]   (raychat <command> --help for its options)", "", "commands:"]
-    lines += [f"  {name:<{width}}  {help_}   [python -m {mod.removesuffix('.__main__').removesuffix('.driver')}]"
-              for name, (mod, help_) in COMMANDS.items()]
+    lines += [
+        f"  {name:<{width}}  {help_}   [python -m {mod.removesuffix('.__main__').removesuffix('.driver')}]"
+        for name, (mod, help_) in COMMANDS.items()
+    ]
     return "\n".join(lines)
 
 

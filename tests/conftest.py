@@ -45,8 +45,12 @@ def serve_side_ports_env() -> dict[str, str]:
     """Free ports for the fixed ones Serve's HAProxy ingress binds on every node (metrics 9101,
     stats 8404, fallback proxy 8500 / 9500), so two Ray instances on this machine (the tests' own
     and a ``ray start`` head, or a developer's local cluster) never fight over them."""
-    names = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
-             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+    names = (
+        "RAY_SERVE_HAPROXY_METRICS_PORT",
+        "RAY_SERVE_HAPROXY_STATS_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+    )
     return {name: str(free_port()) for name in names}
 
 

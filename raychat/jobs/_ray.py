@@ -13,7 +13,9 @@ log = logging.getLogger("raychat")
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("RAYCHAT_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("RAYCHAT_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
 
 
 def init_ray() -> None:

@@ -1,12 +1,12 @@
 """Write raychat's built-in sample conversations (two C-RLFT sources + a few malformed rows).
 
-    python -m raychat.jobs.make_sample --output runs/sample.jsonl      # or s3://bucket/raychat/sample.jsonl
+python -m raychat.jobs.make_sample --output runs/sample.jsonl      # or s3://bucket/raychat/sample.jsonl
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,14 +22,18 @@ class MakeSampleConfig(BaseModel):
 
     output: str = Field(description="Where to write the JSONL (local path, file:// or s3:// URI).")
     rows: int = Field(default=200, gt=0, description="Valid conversations to write.")
-    bad_rows: bool = Field(default=True, description=f"Also write {len(BAD_ROWS)} malformed rows (to see quarantine work).")
+    bad_rows: bool = Field(
+        default=True, description=f"Also write {len(BAD_ROWS)} malformed rows (to see quarantine work)."
+    )
     seed: int = Field(default=0, description="Random seed.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(MakeSampleConfig, argv, prog="raychat make-sample")
     storage.write_text(cfg.output, sample_jsonl(cfg.rows, cfg.seed, include_bad_rows=cfg.bad_rows))
-    print(f"wrote {cfg.rows} conversations{f' + {len(BAD_ROWS)} malformed rows' if cfg.bad_rows else ''} to {cfg.output}")
+    print(
+        f"wrote {cfg.rows} conversations{f' + {len(BAD_ROWS)} malformed rows' if cfg.bad_rows else ''} to {cfg.output}"
+    )
     return 0
 
 

@@ -1,23 +1,23 @@
 """The whole spine in one job: sample data → pretokenize → train → serve → ask with `openai`.
 
-    python -m raychat.jobs.pipeline                       # embedded default, a few minutes on 2 CPUs
-    python -m raychat.jobs.pipeline --workdir s3://bucket/raychat --keep-serving
+python -m raychat.jobs.pipeline                       # embedded default, a few minutes on 2 CPUs
+python -m raychat.jobs.pipeline --workdir s3://bucket/raychat --keep-serving
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
-from raychat.jobs import pretokenize
-from raychat.jobs.train import driver as train
-from raychat.jobs._ray import init_ray, log, setup_logging
 from raychat.core.common import storage
 from raychat.core.common.cli import parse_config
-from raychat.core.config import PipelineConfig, PretokenizeConfig, ServeConfig, TrainConfig
 from raychat.core.common.report import format_table
+from raychat.core.config import PipelineConfig, PretokenizeConfig, ServeConfig, TrainConfig
 from raychat.core.data.sample import SAMPLE_SOURCES, sample_jsonl
+from raychat.jobs import pretokenize
+from raychat.jobs._ray import init_ray, log, setup_logging
+from raychat.jobs.train import driver as train
 
 
 def ask(base_url: str, model: str, question: str, max_tokens: int) -> dict:
@@ -28,7 +28,9 @@ def ask(base_url: str, model: str, question: str, max_tokens: int) -> dict:
     messages = [{"role": "user", "content": question}]
     resp = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
     chunks = []
-    for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True):
+    for chunk in client.chat.completions.create(
+        model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True
+    ):
         if chunk.choices and chunk.choices[0].delta.content:
             chunks.append(chunk.choices[0].delta.content)
     return {
@@ -65,9 +67,17 @@ def run(cfg: PipelineConfig) -> dict:
     t = time.time()
     tr = train.run(
         TrainConfig(
-            data=pre["output"], output=run_uri, name="train", base_model=cfg.base_model, epochs=cfg.epochs,
-            batch_max_len=cfg.batch_max_len, learning_rate=cfg.learning_rate, warmup_steps=5,
-            num_workers=cfg.num_workers, zero_stage=cfg.zero_stage, eval_fraction=0.05,
+            data=pre["output"],
+            output=run_uri,
+            name="train",
+            base_model=cfg.base_model,
+            epochs=cfg.epochs,
+            batch_max_len=cfg.batch_max_len,
+            learning_rate=cfg.learning_rate,
+            warmup_steps=5,
+            num_workers=cfg.num_workers,
+            zero_stage=cfg.zero_stage,
+            eval_fraction=0.05,
         )
     )
     stages["train"] = time.time() - t
@@ -85,8 +95,17 @@ def run(cfg: PipelineConfig) -> dict:
     t = time.time()
     answer = ask(base_url, model_id, cfg.question, cfg.max_tokens)
     stages["ask (2 requests)"] = time.time() - t
-    summary = {"run": run_uri, "pretokenize": pre, "train": tr, "endpoint": base_url, "model": model_id,
-               "question": cfg.question, **answer, "stages_s": stages, "wall_time_s": time.time() - t0}
+    summary = {
+        "run": run_uri,
+        "pretokenize": pre,
+        "train": tr,
+        "endpoint": base_url,
+        "model": model_id,
+        "question": cfg.question,
+        **answer,
+        "stages_s": stages,
+        "wall_time_s": time.time() - t0,
+    }
     if not cfg.keep_serving:
         serve.shutdown()
     return summary
@@ -103,7 +122,10 @@ def summary_table(s: dict) -> str:
         ("train steps", tr["steps"]),
         ("packing efficiency (epoch 1)", f"{tr['packing_efficiency'][0]:.4f}"),
         ("loss first → last", f"{tr['loss_first']:.3f} → {tr['loss_last']:.3f}"),
-        ("eval loss (held-out rows)", "-" if tr["eval_loss"] is None else f"{tr['eval_loss']:.3f} ({tr['eval_rows']} rows)"),
+        (
+            "eval loss (held-out rows)",
+            "-" if tr["eval_loss"] is None else f"{tr['eval_loss']:.3f} ({tr['eval_rows']} rows)",
+        ),
         ("checkpoint", tr["checkpoint"]),
         ("endpoint", s["endpoint"]),
         ("model", s["model"]),

@@ -18,7 +18,7 @@ import re
 import resource
 import sys
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -27,9 +27,9 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.datasource import FileBasedDatasource
 
-from raychat.jobs._ray import init_ray, log, setup_logging
 from raychat.core.common import storage
 from raychat.core.common.cli import parse_config
+from raychat.core.common.report import format_table
 from raychat.core.config import PretokenizeConfig
 from raychat.core.data.formats import SourceRules, SourceSpec
 from raychat.core.data.rows import (
@@ -38,12 +38,11 @@ from raychat.core.data.rows import (
     ROW_SCHEMA,
     RowPolicy,
     Stats,
-    StrictModeError,
     batch_key,
     plan_tokenizer_pool,
     process_records,
 )
-from raychat.core.common.report import format_table
+from raychat.jobs._ray import init_ray, log, setup_logging
 
 QUARANTINE_DIR = "_quarantine"
 RECORDS_PER_BLOCK = 2048
@@ -114,8 +113,13 @@ class TokenizeBatch:
         local = storage.local_or_download(c.tokenizer, "/tmp/raychat/tokenizers") if c.tokenizer else None
         template = get_template(c.template)
         self.ct = ConversationTokenizer(load_data_encoder(local), template, c.max_length)
-        self.policy = RowPolicy(rules=source_rules(c, template.default_condition), fmt=c.format,
-                                same_role=c.same_role, dedupe=c.dedupe, strict=c.strict)
+        self.policy = RowPolicy(
+            rules=source_rules(c, template.default_condition),
+            fmt=c.format,
+            same_role=c.same_role,
+            dedupe=c.dedupe,
+            strict=c.strict,
+        )
         self.output = c.output
         self.ledger = ledger
         self.schema = ROW_SCHEMA.with_metadata({METADATA_KEY: schema_metadata})
@@ -123,8 +127,17 @@ class TokenizeBatch:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         files, indices = batch["file"].tolist(), batch["index"].tolist()
         claim = (lambda h, o: ray.get(self.ledger.claim.remote(h, o))) if self.policy.dedupe else None
-        res = process_records(files, indices, batch["text"].tolist(), batch["error"].tolist(), batch["detail"].tolist(),
-                              self.ct, self.policy, claim, self.schema)
+        res = process_records(
+            files,
+            indices,
+            batch["text"].tolist(),
+            batch["error"].tolist(),
+            batch["detail"].tolist(),
+            self.ct,
+            self.policy,
+            claim,
+            self.schema,
+        )
         key = batch_key(files, indices)
         if res.quarantined:
             storage.write_text(
@@ -192,7 +205,11 @@ def run(cfg: PretokenizeConfig) -> dict:
     pool = plan_tokenizer_pool(node_cpus, cfg.tokenizer_threads, cfg.num_actors, reserved=2 * READ_CPUS)
     cpus = int(sum(node_cpus))
     if pool.actors > pool.fits:
-        log.warning("--num-actors %d: only %d fit on the cluster's nodes now; the others wait for nodes to join", pool.actors, pool.fits)
+        log.warning(
+            "--num-actors %d: only %d fit on the cluster's nodes now; the others wait for nodes to join",
+            pool.actors,
+            pool.fits,
+        )
     ledger = Ledger.remote()
     out_fs, out_path = storage.resolve(cfg.output)
     # Reading is light (scanning JSON); a small CPU reservation keeps read tasks schedulable while
@@ -205,8 +222,12 @@ def run(cfg: PretokenizeConfig) -> dict:
     )
     rows = records.map_batches(
         TokenizeBatch,
-        fn_constructor_kwargs={"cfg": cfg.model_dump(), "ledger": ledger, "schema_metadata": json.dumps(meta).encode(),
-                               "threads": pool.threads},
+        fn_constructor_kwargs={
+            "cfg": cfg.model_dump(),
+            "ledger": ledger,
+            "schema_metadata": json.dumps(meta).encode(),
+            "threads": pool.threads,
+        },
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=pool.actors),
@@ -222,7 +243,7 @@ def run(cfg: PretokenizeConfig) -> dict:
             # Token ids do not repeat enough for dictionary pages; the tag-like columns do.
             use_dictionary=["source", "condition", "file", "weights"],
         )
-    except Exception as e:  # noqa: BLE001 - surface --strict's message instead of a Ray traceback
+    except Exception as e:
         msg = _strict_message(e)
         if msg:
             raise SystemExit(f"--strict: bad row: {msg}") from None

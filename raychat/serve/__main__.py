@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from raychat.core.common.cli import parse_config
 from raychat.core.config import ServeConfig

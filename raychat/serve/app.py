@@ -14,11 +14,10 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
-from raychat.core.infer.checkpoint_cache import resolve_checkpoint
 from raychat.core.config import ServeConfig
+from raychat.core.infer.checkpoint_cache import resolve_checkpoint
 from raychat.serve.engine import LLMEngine
 from raychat.serve.ingress import OpenAIRouter
-
 
 SAME_EVENT_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 
@@ -68,9 +67,12 @@ def engine_options(cfg: ServeConfig) -> dict:
         opts["num_replicas"] = cfg.num_replicas
     else:
         opts["autoscaling_config"] = AutoscalingConfig(
-            min_replicas=cfg.min_replicas, max_replicas=cfg.max_replicas,
+            min_replicas=cfg.min_replicas,
+            max_replicas=cfg.max_replicas,
             initial_replicas=max(cfg.min_replicas, 1),
-            target_ongoing_requests=cfg.target_ongoing_requests, **cfg.autoscaling_overrides)
+            target_ongoing_requests=cfg.target_ongoing_requests,
+            **cfg.autoscaling_overrides,
+        )
     return opts
 
 
@@ -82,10 +84,15 @@ def build_app(args: dict) -> Application:
         cfg = cfg.model_copy(update={"model_id": ref.uri.rstrip("/").rsplit("/", 1)[-1]})
     if cfg.layout == "combined":  # the engine deployment is the ingress: same name, so same overrides apply
         return serve.deployment(OpenAIRouter, name="LLMEngine", **engine_options(cfg)).bind(
-            None, cfg.model_dump(), ref.to_dict())
+            None, cfg.model_dump(), ref.to_dict()
+        )
     engine = serve.deployment(LLMEngine, name="LLMEngine", **engine_options(cfg)).bind(cfg.model_dump(), ref.to_dict())
-    router = serve.deployment(OpenAIRouter, name="OpenAIRouter", num_replicas=cfg.router_replicas,
-                              max_ongoing_requests=cfg.router_max_ongoing_requests,
-                              graceful_shutdown_timeout_s=shutdown_timeout_s(cfg),
-                              ray_actor_options={"num_cpus": 0, **replica_env(cfg)})
+    router = serve.deployment(
+        OpenAIRouter,
+        name="OpenAIRouter",
+        num_replicas=cfg.router_replicas,
+        max_ongoing_requests=cfg.router_max_ongoing_requests,
+        graceful_shutdown_timeout_s=shutdown_timeout_s(cfg),
+        ray_actor_options={"num_cpus": 0, **replica_env(cfg)},
+    )
     return router.bind(engine, cfg.model_dump(), ref.to_dict())

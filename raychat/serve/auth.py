@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import hmac
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 
 class NoApiKeysError(ValueError):
     """Auth is on but no key is configured (serving without keys needs an explicit flag)."""
 
 
-def load_api_keys(env_var: str | None, file: str | os.PathLike | None, env: Mapping[str, str] | None = None) -> list[str]:
+def load_api_keys(
+    env_var: str | None, file: str | os.PathLike | None, env: Mapping[str, str] | None = None
+) -> list[str]:
     """The configured keys: ``env[env_var]`` split on commas, plus non-empty, non-``#`` lines of ``file``.
 
     Raises:

@@ -19,16 +19,16 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import AsyncGenerator
 
-from raychat.core.infer.checkpoint_cache import CheckpointRef, fetch_checkpoint
 from raychat.core.config import ServeConfig
-from raychat.core.infer.engine_process import BatcherSpec, EngineProcessDied, ProcessBatcher
-from raychat.core.infer.batcher import CompletionText, ContinuousBatcher, SamplingParams, TextDelta
-from raychat.core.model.hf import load_inference_model
 from raychat.core.data.templates import get_template
 from raychat.core.data.tokenizer import ConversationTokenizer
+from raychat.core.infer.batcher import CompletionText, ContinuousBatcher, SamplingParams, TextDelta
+from raychat.core.infer.checkpoint_cache import CheckpointRef, fetch_checkpoint
+from raychat.core.infer.engine_process import BatcherSpec, EngineProcessDied, ProcessBatcher
+from raychat.core.model.hf import load_inference_model
 from raychat.serve.protocol import EngineChunk, EngineRequest, error_body
 
 log = logging.getLogger("raychat.serve")
@@ -116,15 +116,29 @@ class LLMEngine:
         if self.cfg.engine_process:
             import torch
 
-            self.batcher = ProcessBatcher(BatcherSpec(
-                model_dir=str(local), dtype=str(self._dtype()).removeprefix("torch."), device=device,
-                stop_ids=tuple(stops), pad_id=pad, max_context=self.max_context, max_batch_size=self.cfg.max_batch_size,
-                max_prefill_tokens=self.cfg.max_prefill_tokens, torch_threads=torch.get_num_threads(),
-                pack_cpu_linears=self.cfg.cpu_packed_linears))
+            self.batcher = ProcessBatcher(
+                BatcherSpec(
+                    model_dir=str(local),
+                    dtype=str(self._dtype()).removeprefix("torch."),
+                    device=device,
+                    stop_ids=tuple(stops),
+                    pad_id=pad,
+                    max_context=self.max_context,
+                    max_batch_size=self.cfg.max_batch_size,
+                    max_prefill_tokens=self.cfg.max_prefill_tokens,
+                    torch_threads=torch.get_num_threads(),
+                    pack_cpu_linears=self.cfg.cpu_packed_linears,
+                )
+            )
         else:
-            self.batcher = ContinuousBatcher(model, stop_ids=stops, pad_id=pad, max_context=self.max_context,
-                                             max_batch_size=self.cfg.max_batch_size,
-                                             max_prefill_tokens=self.cfg.max_prefill_tokens)
+            self.batcher = ContinuousBatcher(
+                model,
+                stop_ids=stops,
+                pad_id=pad,
+                max_context=self.max_context,
+                max_batch_size=self.cfg.max_batch_size,
+                max_prefill_tokens=self.cfg.max_prefill_tokens,
+            )
         self._dead: str | None = None  # why the engine process is gone (engine_process only)
         self.metrics = ServeMetrics(self.cfg.model_id or "")
         self._streams: dict[str, _Stream] = {}
@@ -249,15 +263,22 @@ class LLMEngine:
             prompt, param = list(req.prompt or []), "prompt"
             bad = [t for t in prompt if not 0 <= t < self.vocab_size]
             if bad or not prompt:
-                raise PromptError(error_body(f"prompt: token ids must be in [0, {self.vocab_size}); got {bad[:5] or 'none'}",
-                                             param="prompt"))
+                raise PromptError(
+                    error_body(
+                        f"prompt: token ids must be in [0, {self.vocab_size}); got {bad[:5] or 'none'}", param="prompt"
+                    )
+                )
         room = self.max_context - len(prompt)
         if room <= 0 or (req.max_tokens is not None and req.max_tokens > room):
             asked = f" + {req.max_tokens} completion tokens" if req.max_tokens is not None else ""
-            raise PromptError(error_body(
-                f"This model's maximum context length is {self.max_context} tokens; the request has {len(prompt)} "
-                f"prompt tokens{asked}. Shorten the {param} or lower max_tokens.",
-                param=param, code="context_length_exceeded"))
+            raise PromptError(
+                error_body(
+                    f"This model's maximum context length is {self.max_context} tokens; the request has {len(prompt)} "
+                    f"prompt tokens{asked}. Shorten the {param} or lower max_tokens.",
+                    param=param,
+                    code="context_length_exceeded",
+                )
+            )
         return prompt
 
     async def generate(self, req: EngineRequest) -> AsyncGenerator[EngineChunk, None]:
@@ -268,9 +289,15 @@ class LLMEngine:
             yield EngineChunk(error=e.body)
             return
         max_tokens = req.max_tokens or min(self.cfg.default_max_tokens, self.max_context - len(prompt))
-        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                                stop=tuple(req.stop))
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            stop=tuple(req.stop),
+        )
         rid = uuid.uuid4().hex
         text = CompletionText(self.tokenizer, req.stop, incremental=req.stream)  # non-streamed: decoded once at the end
         st = _Stream(asyncio.get_running_loop(), asyncio.Queue(), text, req.stream)
@@ -298,8 +325,9 @@ class LLMEngine:
                 if not req.stream:
                     texts.append(text)
                     continue
-                yield EngineChunk(text=text, finish_reason=last.finish_reason, prompt_tokens=len(prompt),
-                                  completion_tokens=produced)
+                yield EngineChunk(
+                    text=text, finish_reason=last.finish_reason, prompt_tokens=len(prompt), completion_tokens=produced
+                )
                 if text and not finished and self.cfg.stream_interval_s:
                     # The first text goes out at once (tokens that decode to no text yet, e.g. part of
                     # a character, do not start the interval); later text is grouped, so a replica
@@ -308,10 +336,16 @@ class LLMEngine:
                     if not sending:
                         sending = True
                         self._sending += 1
-                    await st.wait(stream_interval(self.cfg.stream_interval_s, self._sending, self.cfg.stream_chunk_rate))
+                    await st.wait(
+                        stream_interval(self.cfg.stream_interval_s, self._sending, self.cfg.stream_chunk_rate)
+                    )
             if not req.stream:
-                yield EngineChunk(text="".join(texts), finish_reason=last.finish_reason, prompt_tokens=len(prompt),
-                                  completion_tokens=produced)
+                yield EngineChunk(
+                    text="".join(texts),
+                    finish_reason=last.finish_reason,
+                    prompt_tokens=len(prompt),
+                    completion_tokens=produced,
+                )
         finally:
             self._streams.pop(rid, None)
             if sending:

@@ -7,14 +7,14 @@ replica could take the request, 500 only for server bugs. The body-size limit an
 check run as ASGI middleware in front of every route (``/health`` needs no key).
 """
 
-
 import asyncio
 import contextlib
 import json
 import logging
 import time
 import uuid
-from typing import AsyncIterator, Protocol
+from collections.abc import AsyncIterator
+from typing import Protocol
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,9 +25,9 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from raychat.serve.auth import NoApiKeysError, bearer_token, key_matches, load_api_keys
 from raychat.core.config import ServeConfig
 from raychat.core.infer.engine_process import EngineProcessDied
+from raychat.serve.auth import NoApiKeysError, bearer_token, key_matches, load_api_keys
 from raychat.serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -58,8 +58,15 @@ _REPLICA_GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableEr
 class APIError(Exception):
     """An OpenAI-format error answer."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.headers = status, headers
         self.body = error_body(message, type_=type_, param=param, code=code)
@@ -94,7 +101,7 @@ class OpenAIGuard:
         state = scope["app"].state
         path, root = scope.get("path", ""), scope.get("root_path", "")
         if root and path.startswith(root):  # under a Serve route_prefix
-            path = path[len(root):]
+            path = path[len(root) :]
         status_seen: list[int] = []
         generating = False
 
@@ -111,19 +118,30 @@ class OpenAIGuard:
             headers = dict(scope.get("headers") or [])
             length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) > limit:
-                return await reply(413, error_body(f"Request body of {int(length)} bytes exceeds the limit of {limit}.",
-                                                   code="request_too_large"))
+                return await reply(
+                    413,
+                    error_body(
+                        f"Request body of {int(length)} bytes exceeds the limit of {limit}.", code="request_too_large"
+                    ),
+                )
             if path != "/health" and state.api_keys is not None:  # every route but the probe needs a key
                 token = bearer_token(headers.get(b"authorization", b"").decode("latin-1"))
                 if not key_matches(token, state.api_keys):
                     what = "No API key provided" if token is None else "Incorrect API key provided"
-                    return await reply(401, error_body(f"{what}. Send 'Authorization: Bearer <key>'.",
-                                                       code="invalid_api_key"))
-            if (path in GENERATION_ROUTES and scope.get("method") == "POST"
-                    and getattr(state, "max_generating", None) is not None):
+                    return await reply(
+                        401, error_body(f"{what}. Send 'Authorization: Bearer <key>'.", code="invalid_api_key")
+                    )
+            if (
+                path in GENERATION_ROUTES
+                and scope.get("method") == "POST"
+                and getattr(state, "max_generating", None) is not None
+            ):
                 if state.generating >= state.max_generating:
-                    return await reply(429, error_body(QUEUE_FULL, type_="rate_limit_error", code="queue_full"),
-                                       {"Retry-After": str(state.retry_after_s)})
+                    return await reply(
+                        429,
+                        error_body(QUEUE_FULL, type_="rate_limit_error", code="queue_full"),
+                        {"Retry-After": str(state.retry_after_s)},
+                    )
                 state.generating += 1
                 generating = True  # from here on, `finally` gives the slot back
             received = 0
@@ -141,7 +159,9 @@ class OpenAIGuard:
                 await self.app(scope, limited_receive, send_counted)
             except OpenAIGuard._TooLarge:
                 if not status_seen:
-                    await reply(413, error_body(f"Request body exceeds the limit of {limit} bytes.", code="request_too_large"))
+                    await reply(
+                        413, error_body(f"Request body exceeds the limit of {limit} bytes.", code="request_too_large")
+                    )
         except Exception:
             status_seen.append(500)
             raise
@@ -171,7 +191,7 @@ async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONRespo
     param = parts[0] if parts and isinstance(parts[0], str) else None
     where = ".".join(str(p) for p in parts) or "body"
     msg = first["msg"].removeprefix("Value error, ")
-    named, sep, rest = msg.partition(": ")
+    named, sep, _ = msg.partition(": ")
     if param is None and sep and named.isidentifier():  # a check across fields names its parameter first
         return _error_response(400, error_body(msg, param=named))
     return _error_response(400, error_body(f"{where}: {msg}", param=param))
@@ -193,13 +213,25 @@ def to_engine_request(req: ChatCompletionRequest) -> EngineRequest:
     """Splits system messages out (joined into the system prompt) and maps sampling options."""
     system = "\n".join(m.text for m in req.messages if m.role in ("system", "developer"))
     turns = [(m.role, m.text) for m in req.messages if m.role not in ("system", "developer")]
-    return EngineRequest(messages=turns, system=system, condition=req.condition,
-                         max_tokens=req.max_tokens or req.max_completion_tokens, **_sampling(req))
+    return EngineRequest(
+        messages=turns,
+        system=system,
+        condition=req.condition,
+        max_tokens=req.max_tokens or req.max_completion_tokens,
+        **_sampling(req),
+    )
 
 
 def _sampling(req: ChatCompletionRequest | CompletionRequest) -> dict:
-    return dict(temperature=req.temperature, top_p=req.top_p, seed=req.seed, presence_penalty=req.presence_penalty,
-                frequency_penalty=req.frequency_penalty, stop=req.stop, stream=req.stream)
+    return dict(
+        temperature=req.temperature,
+        top_p=req.top_p,
+        seed=req.seed,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        stop=req.stop,
+        stream=req.stream,
+    )
 
 
 def choice_requests(bases: list[EngineRequest], n: int) -> list[EngineRequest]:
@@ -342,7 +374,8 @@ class OpenAIRouter:
         if not keys and not self.cfg.allow_no_auth:
             raise NoApiKeysError(
                 f"no API key configured: set ${self.cfg.api_keys_env} or api_keys_file, "
-                "or pass allow_no_auth=true (local demo only)")
+                "or pass allow_no_auth=true (local demo only)"
+            )
         if engine is None:
             from raychat.serve.engine import LLMEngine
 
@@ -380,8 +413,12 @@ class OpenAIRouter:
 
     def _check_model(self, model: str) -> None:
         if model != self.model_id:
-            raise APIError(404, f"The model {model!r} does not exist; this endpoint serves {self.model_id!r}.",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model {model!r} does not exist; this endpoint serves {self.model_id!r}.",
+                param="model",
+                code="model_not_found",
+            )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, req: ChatCompletionRequest):
@@ -406,25 +443,44 @@ class OpenAIRouter:
             try:
                 first, stream = await self.engine.open(ereq)
             except BackPressureError:
-                raise APIError(429, QUEUE_FULL, type_="rate_limit_error",
-                               code="queue_full", headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
+                raise APIError(
+                    429,
+                    QUEUE_FULL,
+                    type_="rate_limit_error",
+                    code="queue_full",
+                    headers={"Retry-After": str(self.cfg.retry_after_s)},
+                ) from None
             except _REPLICA_GONE as e:
                 log.warning("engine replica unavailable (attempt %d): %s", attempt + 1, type(e).__name__)
                 if attempt == REPLICA_RETRIES:
-                    raise APIError(503, "No model replica could serve the request; retry later.", type_="server_error",
-                                   code="replica_unavailable", headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
+                    raise APIError(
+                        503,
+                        "No model replica could serve the request; retry later.",
+                        type_="server_error",
+                        code="replica_unavailable",
+                        headers={"Retry-After": str(self.cfg.retry_after_s)},
+                    ) from None
                 continue
             if first.error:
-                raise APIError(400, first.error["error"]["message"], param=first.error["error"]["param"],
-                               code=first.error["error"]["code"])
+                raise APIError(
+                    400,
+                    first.error["error"]["message"],
+                    param=first.error["error"]["param"],
+                    code=first.error["error"]["code"],
+                )
             return first, stream
         raise AssertionError("unreachable")
 
     def _timed_out(self) -> APIError:
         # The client would retry a 5xx (the official one twice): the same request would time out again.
-        return APIError(504, f"The request did not finish within request_timeout_s ({self.cfg.request_timeout_s:g} s); "
-                             "ask for fewer tokens or retry later.", type_="server_error", code="timeout",
-                        headers={"x-should-retry": "false"})
+        return APIError(
+            504,
+            f"The request did not finish within request_timeout_s ({self.cfg.request_timeout_s:g} s); "
+            "ask for fewer tokens or retry later.",
+            type_="server_error",
+            code="timeout",
+            headers={"x-should-retry": "false"},
+        )
 
     async def _respond(self, req, ereqs: list[EngineRequest], chat: bool):
         n = req.n
@@ -441,23 +497,32 @@ class OpenAIRouter:
         # Prompt tokens count once per prompt (its n choices share it), completion tokens per choice.
         usage = Usage.of(sum(r.prompt_tokens for r in results[::n]), sum(r.completion_tokens for r in results))
         if chat:
-            choices = [ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason)
-                       for i, r in enumerate(results)]
+            choices = [
+                ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason)
+                for i, r in enumerate(results)
+            ]
             body = ChatCompletion(model=self.model_id, choices=choices, usage=usage)
         else:
-            choices = [CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(results)]
+            choices = [
+                CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(results)
+            ]
             body = Completion(model=self.model_id, choices=choices, usage=usage)
         # pydantic's own JSON: FastAPI's generic path (jsonable_encoder, then json.dumps) costs more per response.
         return Response(body.model_dump_json(), media_type="application/json")
 
-    async def _sse(self, req, opened: list[tuple[EngineChunk, AsyncIterator[EngineChunk] | None]],
-                   chat: bool, deadline: float) -> AsyncIterator[str]:
+    async def _sse(
+        self, req, opened: list[tuple[EngineChunk, AsyncIterator[EngineChunk] | None]], chat: bool, deadline: float
+    ) -> AsyncIterator[str]:
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created, n = int(time.time()), req.n
         # Chunks are built as dicts (the shape of ChatCompletionChunk / Completion dumps): a pydantic
         # model per streamed chunk costs more than the rest of the chunk's trip through this replica.
-        head = {"id": cid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-                "model": self.model_id}
+        head = {
+            "id": cid,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created,
+            "model": self.model_id,
+        }
         if req.include_usage:
             head["usage"] = None
 
@@ -491,8 +556,11 @@ class OpenAIRouter:
                 for index, item in items:
                     if isinstance(item, Exception):
                         log.warning("stream %d failed: %s", index, type(item).__name__)
-                        body = error_body("The model replica failed mid-stream; retry the request.",
-                                          type_="server_error", code="replica_unavailable")
+                        body = error_body(
+                            "The model replica failed mid-stream; retry the request.",
+                            type_="server_error",
+                            code="replica_unavailable",
+                        )
                         yield "".join(out) + f"data: {json.dumps(body)}\n\n"
                         return
                     last[index] = item
@@ -509,7 +577,9 @@ class OpenAIRouter:
                 ordered = [last[i] for i in sorted(last)]
                 usage = Usage.of(sum(c.prompt_tokens for c in ordered[::n]), sum(c.completion_tokens for c in ordered))
                 cls = ChatCompletionChunk if chat else Completion
-                pending.append(f"data: {cls(id=cid, created=created, model=self.model_id, choices=[], usage=usage).model_dump_json()}\n\n")
+                pending.append(
+                    f"data: {cls(id=cid, created=created, model=self.model_id, choices=[], usage=usage).model_dump_json()}\n\n"
+                )
             yield "".join(pending) + "data: [DONE]\n\n"
         finally:
             await merged.aclose()

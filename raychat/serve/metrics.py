@@ -16,8 +16,9 @@ def _make(spec: MetricSpec, default_tags: dict[str, str]):
     elif spec.kind == "gauge":
         m = metrics.Gauge(spec.name, description=spec.description, tag_keys=spec.tag_keys)
     else:
-        m = metrics.Histogram(spec.name, description=spec.description, boundaries=list(spec.boundaries),
-                              tag_keys=spec.tag_keys)
+        m = metrics.Histogram(
+            spec.name, description=spec.description, boundaries=list(spec.boundaries), tag_keys=spec.tag_keys
+        )
     m.set_default_tags({k: v for k, v in default_tags.items() if k in spec.tag_keys})
     return m
 

@@ -27,7 +27,8 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"] = Field(
-        description="Who wrote the message ('developer' is OpenAI's newer name for 'system').")
+        description="Who wrote the message ('developer' is OpenAI's newer name for 'system')."
+    )
     content: str | list[TextPart] = Field(description="The message text, or a list of text parts (joined).")
 
     @property
@@ -51,11 +52,14 @@ class _SamplingRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     n: int = Field(default=1, ge=1, le=MAX_N, description="Choices to generate for each prompt.")
-    stop: str | list[str] | None = Field(default=None, validate_default=True,
-                                         description="Up to 16 strings that end the completion (not returned).")
+    stop: str | list[str] | None = Field(
+        default=None, validate_default=True, description="Up to 16 strings that end the completion (not returned)."
+    )
     seed: int | None = Field(default=None, description="Seed for reproducible sampling (choice i uses seed + i).")
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="Penalty on tokens already generated.")
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="Penalty per time a token was generated.")
+    frequency_penalty: float = Field(
+        default=0.0, ge=-2.0, le=2.0, description="Penalty per time a token was generated."
+    )
     stream: bool = Field(default=False, description="Stream chunks as server-sent events.")
     stream_options: StreamOptions | None = Field(default=None, description="Streaming options (include_usage).")
 
@@ -85,7 +89,9 @@ class ChatCompletionRequest(_SamplingRequest):
 
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
     max_completion_tokens: int | None = Field(default=None, gt=0, description="Alias of max_tokens (newer clients).")
-    condition: str | None = Field(default=None, description="OpenChat extension: C-RLFT condition, e.g. 'GPT4 Correct'.")
+    condition: str | None = Field(
+        default=None, description="OpenChat extension: C-RLFT condition, e.g. 'GPT4 Correct'."
+    )
     logprobs: bool | None = Field(default=None, description="Not supported (400 when true).")
     tools: list | None = Field(default=None, description="Not supported (400 when non-empty).")
 
@@ -106,8 +112,11 @@ class CompletionRequest(_SamplingRequest):
     """``POST /v1/completions`` body (legacy text completions)."""
 
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="Prompt text, several prompts, or token ids (one list or several).")
-    max_tokens: int | None = Field(default=16, gt=0, description="Most tokens to generate per choice (OpenAI's default: 16).")
+        description="Prompt text, several prompts, or token ids (one list or several)."
+    )
+    max_tokens: int | None = Field(
+        default=16, gt=0, description="Most tokens to generate per choice (OpenAI's default: 16)."
+    )
     echo: bool | None = Field(default=None, description="Not supported (400 when true).")
     suffix: str | None = Field(default=None, description="Not supported (400 when set).")
     logprobs: int | None = Field(default=None, description="Not supported (400 when set).")
@@ -183,9 +192,12 @@ class Usage(BaseModel):
     total_tokens: int
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
 
 
 class AssistantMessage(BaseModel):
@@ -254,7 +266,9 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "raychat"
     root: str | None = Field(default=None, description="Where the weights came from (checkpoint URI).")
-    checkpoint: dict | None = Field(default=None, description="raychat: the checkpoint's run, selection, step and eval loss.")
+    checkpoint: dict | None = Field(
+        default=None, description="raychat: the checkpoint's run, selection, step and eval loss."
+    )
 
 
 class ModelList(BaseModel):
@@ -262,6 +276,8 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
+def error_body(
+    message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     """An OpenAI-format error object (wrapped as ``{"error": ...}`` in responses)."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

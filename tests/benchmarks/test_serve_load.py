@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from serve_load import Sequential  # noqa: E402
+from serve_load import Sequential
 
 
 def test_generate_baseline_makes_the_same_tokens_as_the_engine_baseline(tiny_model_dir):

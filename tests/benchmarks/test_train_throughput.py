@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from train_throughput import attention_length, build_model, mfu  # noqa: E402
+from train_throughput import attention_length, build_model, mfu
 
 
 def test_attention_length_is_token_weighted():

@@ -30,7 +30,11 @@ def cluster_specs(docs: list[dict]) -> dict[str, dict]:
     specs = {}
     for doc in docs:
         spec = doc.get("spec", {})
-        inner = {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig")}.get(doc["kind"])
+        inner = {
+            "RayCluster": spec,
+            "RayJob": spec.get("rayClusterSpec"),
+            "RayService": spec.get("rayClusterConfig"),
+        }.get(doc["kind"])
         if inner:
             specs[f"{doc['kind']}/{doc['metadata']['name']}"] = inner
     return specs
@@ -50,5 +54,8 @@ def exported_series(spec: MetricSpec) -> set[str]:
     """The series Ray's Prometheus exporter writes for ``spec`` (checked on a live head by
     tests/integration/test_job_submit.py::test_metrics_export_uses_the_names_the_dashboards_plot)."""
     base = prometheus_name(spec)
-    return {"counter": {f"{base}_total"}, "gauge": {base},
-            "histogram": {f"{base}_bucket", f"{base}_sum", f"{base}_count"}}[spec.kind]
+    return {
+        "counter": {f"{base}_total"},
+        "gauge": {base},
+        "histogram": {f"{base}_bucket", f"{base}_sum", f"{base}_count"},
+    }[spec.kind]

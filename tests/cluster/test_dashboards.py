@@ -21,13 +21,28 @@ RAY_BUILTIN = {
     "ray_node_gram_used",
 }
 # PromQL words that look like metric names but are functions, keywords or label names.
-_NOT_METRICS = {"sum", "rate", "avg", "by", "le", "histogram_quantile", "label_values", "model", "run", "route",
-                "status", "deployment", "instance", "application"}
+_NOT_METRICS = {
+    "sum",
+    "rate",
+    "avg",
+    "by",
+    "le",
+    "histogram_quantile",
+    "label_values",
+    "model",
+    "run",
+    "route",
+    "status",
+    "deployment",
+    "instance",
+    "application",
+}
 
 
 def exprs(dashboard: dict) -> list[str]:
     return [t["expr"] for p in dashboard["panels"] for t in p["targets"]] + [
-        v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+        v["definition"] for v in dashboard["templating"]["list"] if "definition" in v
+    ]
 
 
 def metric_names(expr: str) -> set[str]:
@@ -46,7 +61,9 @@ def test_dashboard_queries_name_only_exported_metrics(path):
 
 def test_every_raychat_metric_is_on_its_dashboard():
     for name, specs in (("raychat-serving.json", SERVE_METRICS), ("raychat-training.json", TRAIN_METRICS)):
-        used = set().union(*(metric_names(e) for e in exprs(json.loads((ROOT / "cluster" / "grafana" / name).read_text()))))
+        used = set().union(
+            *(metric_names(e) for e in exprs(json.loads((ROOT / "cluster" / "grafana" / name).read_text())))
+        )
         missing = [s.name for s in specs if not exported_series(s) & used]
         assert not missing, f"{name} plots nothing of {missing}"
 
@@ -61,6 +78,12 @@ def test_prometheus_config_scrapes_local_heads_and_raychat_pods():
     config = yaml.safe_load((ROOT / "cluster" / "prometheus.yml").read_text())
     jobs = {j["job_name"]: j for j in config["scrape_configs"]}
     assert jobs["ray-local"]["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
-    keep = {tuple(r["source_labels"]): r["regex"] for r in jobs["ray-kuberay"]["relabel_configs"] if r.get("action") == "keep"}
-    assert keep == {("__meta_kubernetes_pod_label_app_kubernetes_io_name",): "raychat",
-                    ("__meta_kubernetes_pod_container_port_name",): "metrics"}
+    keep = {
+        tuple(r["source_labels"]): r["regex"]
+        for r in jobs["ray-kuberay"]["relabel_configs"]
+        if r.get("action") == "keep"
+    }
+    assert keep == {
+        ("__meta_kubernetes_pod_label_app_kubernetes_io_name",): "raychat",
+        ("__meta_kubernetes_pod_container_port_name",): "metrics",
+    }

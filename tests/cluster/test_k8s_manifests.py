@@ -32,20 +32,29 @@ each_overlay = pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda o: f"over
 
 def test_overlays_render_every_resource_labelled_with_the_stage_that_applies_it(rendered):
     assert set(OVERLAYS) >= {"gpu", "cpu-dev"}
-    expected = {("ServiceAccount", "raychat"): "cluster", ("NetworkPolicy", "raychat-head"): "cluster",
-                ("NetworkPolicy", "raychat-worker"): "cluster", ("RayCluster", "raychat"): "cluster",
-                ("RayJob", "raychat-pretokenize"): "pretokenize", ("RayJob", "raychat-train"): "train",
-                ("RayService", "raychat-serve"): "serve"}
+    expected = {
+        ("ServiceAccount", "raychat"): "cluster",
+        ("NetworkPolicy", "raychat-head"): "cluster",
+        ("NetworkPolicy", "raychat-worker"): "cluster",
+        ("RayCluster", "raychat"): "cluster",
+        ("RayJob", "raychat-pretokenize"): "pretokenize",
+        ("RayJob", "raychat-train"): "train",
+        ("RayService", "raychat-serve"): "serve",
+    }
     for name, docs in rendered.items():
         # `kubectl apply -k <overlay> -l raychat.io/stage=<stage>` applies one stage (README).
-        assert {(d["kind"], d["metadata"]["name"]): d["metadata"]["labels"]["raychat.io/stage"] for d in docs} == expected, name
+        assert {
+            (d["kind"], d["metadata"]["name"]): d["metadata"]["labels"]["raychat.io/stage"] for d in docs
+        } == expected, name
         assert all(d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "raychat" for d in docs)
         assert {d["metadata"]["namespace"] for d in docs} == {{"gpu": "raychat", "cpu-dev": "raychat-dev"}[name]}
 
 
 @each_overlay
 def test_every_rendered_manifest_validates_against_the_kuberay_crds(rendered, overlay):
-    assert DEFAULT_CRDS.is_dir(), f"KubeRay CRDs missing at {DEFAULT_CRDS} (set RAYCHAT_KUBERAY_CRDS for a checkout cloned elsewhere)"
+    assert DEFAULT_CRDS.is_dir(), (
+        f"KubeRay CRDs missing at {DEFAULT_CRDS} (set RAYCHAT_KUBERAY_CRDS for a checkout cloned elsewhere)"
+    )
     errors = {f"{d['kind']}/{d['metadata']['name']}": validate_manifest(d) for d in rendered[overlay]}
     assert {k: v for k, v in errors.items() if v} == {}
 
@@ -54,10 +63,10 @@ def test_validator_rejects_a_misspelled_field_and_a_wrong_type_naming_their_path
     job = copy.deepcopy(find(rendered["gpu"], "RayJob", "raychat-train")[0])
     group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     container = group["template"]["spec"]["containers"][0]
-    container["resurces"] = container.pop("resources")       # typo inside the embedded pod template
-    group["maxReplicas"] = "two"                              # string where the CRD says integer
-    group["rayStartParams"]["num-gpus"] = 8                   # rayStartParams values must be strings
-    job["spec"]["shutdownAfterJobFinishes"] = "true"          # a quoted boolean
+    container["resurces"] = container.pop("resources")  # typo inside the embedded pod template
+    group["maxReplicas"] = "two"  # string where the CRD says integer
+    group["rayStartParams"]["num-gpus"] = 8  # rayStartParams values must be strings
+    job["spec"]["shutdownAfterJobFinishes"] = "true"  # a quoted boolean
     errors = validate_manifest(job)
     prefix = "spec.rayClusterSpec.workerGroupSpecs[0]"
     assert any(e.startswith(f"{prefix}.template.spec.containers[0].resurces: unknown field") for e in errors), errors
@@ -78,9 +87,15 @@ def test_validator_rejects_bad_enums_missing_required_fields_and_duplicate_ports
     assert "spec.upgradeStrategy.clusterUpgradeOptions.gatewayClassName: required field is missing" in errors
     assert "spec.rayClusterConfig.authOptions.mode: 'tokens' is not one of ['disabled', 'token']" in errors
     ports = "spec.rayClusterConfig.headGroupSpec.template.spec.containers[0].ports"
-    assert any(e.startswith(f"{ports}[5]: duplicate entry {{'containerPort': 8265, 'protocol': 'TCP'}}") for e in errors), errors
-    assert any(e.startswith("spec.rayClusterConfig.headGroupSpec.template.spec.containers[0].resources.limits.memory: '32 GiB' does not match")
-               for e in errors), errors
+    assert any(
+        e.startswith(f"{ports}[5]: duplicate entry {{'containerPort': 8265, 'protocol': 'TCP'}}") for e in errors
+    ), errors
+    assert any(
+        e.startswith(
+            "spec.rayClusterConfig.headGroupSpec.template.spec.containers[0].resources.limits.memory: '32 GiB' does not match"
+        )
+        for e in errors
+    ), errors
 
 
 def test_core_objects_are_checked_too(rendered):
@@ -90,14 +105,24 @@ def test_core_objects_are_checked_too(rendered):
     errors = validate_manifest(policy)
     assert any(e.startswith("spec.ingress[0].form: unknown field") for e in errors), errors
     assert "metadata.name: 'Raychat_Head' is not a DNS-1123 subdomain" in errors
-    assert validate_manifest({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}})[0].startswith("<root>: no schema")
+    assert validate_manifest({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}})[0].startswith(
+        "<root>: no schema"
+    )
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl: the Python renderer is checked against the real kustomize only where it exists")
+@pytest.mark.skipif(
+    shutil.which("kubectl") is None,
+    reason="no kubectl: the Python renderer is checked against the real kustomize only where it exists",
+)
 @each_overlay
 def test_python_renderer_matches_kubectl_kustomize(rendered, overlay):
-    out = subprocess.run(["kubectl", "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
-                         capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     real = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out) if d}
     assert {(d["kind"], d["metadata"]["name"]): d for d in rendered[overlay]} == real
 
@@ -109,7 +134,8 @@ def test_renderer_refuses_what_it_does_not_implement(tmp_path):
         render(tmp_path)
     (tmp_path / "kustomization.yaml").write_text(
         "resources: [sa.yaml]\npatches:\n  - target: {kind: ServiceAccount, name: a}\n"
-        "    patch: '[{op: replace, path: /metadata/labels, value: {}}]'\n")
+        "    patch: '[{op: replace, path: /metadata/labels, value: {}}]'\n"
+    )
     with pytest.raises(KustomizeError, match="no 'labels'"):
         render(tmp_path)
 
@@ -129,7 +155,7 @@ def test_head_takes_no_gpu_work_and_gpu_workers_are_whole_8_gpu_nodes_that_autos
         assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"] == "8", where
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"], where
         assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}, where
-        shm = [v for v in pod["volumes"] if v["name"] == "dshm"][0]
+        shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
         assert shm["emptyDir"]["medium"] == "Memory"
         assert {"name": "dshm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"], where
     for where, template in pod_templates(rendered["cpu-dev"]).items():
@@ -145,7 +171,10 @@ def test_ray_ports_stay_inside_the_cluster_and_token_auth_is_on(rendered):
         for where, spec in cluster_specs(docs).items():
             assert spec["authOptions"] == {"mode": "token"}, (overlay, where)
             head = spec["headGroupSpec"]
-            assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress"), (overlay, where)
+            assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress"), (
+                overlay,
+                where,
+            )
         for doc in find(docs, "RayService"):
             assert doc["spec"].get("serveService", {}).get("spec", {}).get("type", "ClusterIP") == "ClusterIP"
         for where, template in pod_templates(docs).items():
@@ -155,12 +184,21 @@ def test_ray_ports_stay_inside_the_cluster_and_token_auth_is_on(rendered):
         policies = find(docs, "NetworkPolicy")
         for where, template in pod_templates(docs).items():
             labels = template["metadata"]["labels"]
-            assert any(p["spec"]["podSelector"]["matchLabels"].items() <= labels.items() for p in policies), (overlay, where)
+            assert any(p["spec"]["podSelector"]["matchLabels"].items() <= labels.items() for p in policies), (
+                overlay,
+                where,
+            )
         for policy in policies:
             for rule in policy["spec"]["ingress"]:
                 ports = {p["port"] for p in rule.get("ports", [])}
-                cluster_wide = any(peer.get("namespaceSelector") == {} and "podSelector" not in peer for peer in rule["from"])
-                assert not (cluster_wide and (not ports or ports & RAY_PORTS)), (overlay, policy["metadata"]["name"], rule)
+                cluster_wide = any(
+                    peer.get("namespaceSelector") == {} and "podSelector" not in peer for peer in rule["from"]
+                )
+                assert not (cluster_wide and (not ports or ports & RAY_PORTS)), (
+                    overlay,
+                    policy["metadata"]["name"],
+                    rule,
+                )
 
 
 def test_secrets_are_referenced_never_inlined(rendered):
@@ -174,7 +212,12 @@ def test_secrets_are_referenced_never_inlined(rendered):
                 assert not (secretish.search(env["name"]) and "value" in env), (overlay, where, env["name"])
             if where.startswith("RayService"):
                 keys = [e for e in container["env"] if e["name"] == "RAYCHAT_API_KEYS"]
-                assert keys == [{"name": "RAYCHAT_API_KEYS", "valueFrom": {"secretKeyRef": {"name": "raychat-api-keys", "key": "keys"}}}]
+                assert keys == [
+                    {
+                        "name": "RAYCHAT_API_KEYS",
+                        "valueFrom": {"secretKeyRef": {"name": "raychat-api-keys", "key": "keys"}},
+                    }
+                ]
             assert template["spec"]["serviceAccountName"] == "raychat"
     sa = find(rendered["gpu"], "ServiceAccount", "raychat")[0]
     assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
@@ -198,8 +241,9 @@ def test_serve_config_runs_the_real_builder_with_valid_args(rendered, overlay, s
         boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
     storage.upload_dir(tiny_model_dir, cfg.checkpoint)
     built = builder(app.args)
-    names = {built._bound_deployment.name} | {a._bound_deployment.name for a in built._bound_deployment.init_args
-                                              if hasattr(a, "_bound_deployment")}
+    names = {built._bound_deployment.name} | {
+        a._bound_deployment.name for a in built._bound_deployment.init_args if hasattr(a, "_bound_deployment")
+    }
     assert {d.name for d in app.deployments} <= names, names
     (engine,) = app.deployments
     assert engine.num_replicas == "auto" and engine.autoscaling_config["min_replicas"] >= 1
@@ -208,7 +252,10 @@ def test_serve_config_runs_the_real_builder_with_valid_args(rendered, overlay, s
         assert service["spec"]["upgradeStrategy"]["type"] == "NewClusterWithIncrementalUpgrade"
         assert service["spec"]["upgradeStrategy"]["clusterUpgradeOptions"]["maxSurgePercent"] < 100
     assert service["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
-    assert service["spec"]["deploymentUnhealthySecondThreshold"] > 0 and service["spec"]["serviceUnhealthySecondThreshold"] > 0
+    assert (
+        service["spec"]["deploymentUnhealthySecondThreshold"] > 0
+        and service["spec"]["serviceUnhealthySecondThreshold"] > 0
+    )
 
 
 @each_overlay
@@ -262,5 +309,8 @@ def test_every_serve_node_runs_the_serve_runtime_and_haproxy_reaches_replica_por
         # every other node: raychat pods must accept all ports from each other.
         for policy in find(docs, "NetworkPolicy"):
             peers = [r for r in policy["spec"]["ingress"] if "ports" not in r]
-            assert any(p.get("podSelector", {}).get("matchLabels") == {"app.kubernetes.io/name": "raychat"}
-                       for r in peers for p in r["from"]), (overlay, policy["metadata"]["name"])
+            assert any(
+                p.get("podSelector", {}).get("matchLabels") == {"app.kubernetes.io/name": "raychat"}
+                for r in peers
+                for p in r["from"]
+            ), (overlay, policy["metadata"]["name"])

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tests.conftest import serve_side_ports_env
+from tests.conftest import free_port, serve_side_ports_env
 
 pytestmark = pytest.mark.integration
 
@@ -24,3 +24,14 @@ def ray_local(s3_server):
 
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def serve_port(ray_local):
+    """One Serve instance per test module on a free loopback port."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()

@@ -1,4 +1,4 @@
-"""Fixtures and helpers for the Serve tests: one Serve instance per module on a free loopback port."""
+"""Helpers for the Serve tests (the ``serve_port`` fixture, one Serve instance per module, is in conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,21 +6,7 @@ import os
 import time
 import urllib.request
 
-import pytest
-
-from tests.conftest import free_port
-
 PROMPT = "Once upon a time"
-
-
-@pytest.fixture(scope="module")
-def serve_port(ray_local):
-    from ray import serve
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield port
-    serve.shutdown()
 
 
 def deploy(port: int, name: str, **cfg) -> str:
@@ -68,7 +54,9 @@ def wait_for_ingress(app: str, replicas: int, timeout_s: float = 30.0) -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{stats}/stats;csv", timeout=5) as r:
             rows = [line.split(",") for line in r.read().decode().splitlines() if line and not line.startswith("#")]
         # columns: pxname, svname, ..., status (18th)
-        up = [row[1] for row in rows if row[0] == f"http-{app}" and row[1].startswith("SERVE_REPLICA") and row[17] == "UP"]
+        up = [
+            row[1] for row in rows if row[0] == f"http-{app}" and row[1].startswith("SERVE_REPLICA") and row[17] == "UP"
+        ]
         if len(up) >= replicas:
             return
         time.sleep(0.2)
@@ -82,8 +70,12 @@ def local_greedy(model_dir, max_tokens: int = 8) -> str:
 
     model, tok = load_causal_lm(model_dir)
     b = ContinuousBatcher(model, stop_ids=[32000, tok.eos_token_id], pad_id=32001, max_context=2048)
-    ids = [s.token_id for step in b.generate([tok(PROMPT)["input_ids"]], [SamplingParams(max_tokens=max_tokens, temperature=0)])
-           for s in step if s is not None and s.token_id is not None]
+    ids = [
+        s.token_id
+        for step in b.generate([tok(PROMPT)["input_ids"]], [SamplingParams(max_tokens=max_tokens, temperature=0)])
+        for s in step
+        if s is not None and s.token_id is not None
+    ]
     return tok.decode(ids, skip_special_tokens=True)
 
 
@@ -92,8 +84,18 @@ def serve_run(port: int, run_uri: str, select: str, cache_dir, **cfg) -> tuple[d
     the greedy completion of PROMPT."""
     import openai
 
-    url = deploy(port, "ckpt", checkpoint=run_uri, checkpoint_select=select, model_id="crlft", allow_no_auth=True,
-                 num_replicas=1, num_cpus=0.5, cache_dir=str(cache_dir), **cfg)
+    url = deploy(
+        port,
+        "ckpt",
+        checkpoint=run_uri,
+        checkpoint_select=select,
+        model_id="crlft",
+        allow_no_auth=True,
+        num_replicas=1,
+        num_cpus=0.5,
+        cache_dir=str(cache_dir),
+        **cfg,
+    )
     c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
     card = c.models.list().data[0].model_extra["checkpoint"]
     text = c.completions.create(model="crlft", prompt=PROMPT, max_tokens=8, temperature=0).choices[0].text

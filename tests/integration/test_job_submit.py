@@ -49,7 +49,9 @@ class Head:
     env: dict[str, str]
 
     def api(self, path: str) -> dict:
-        request = urllib.request.Request(f"{self.dashboard}{path}", headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
+        request = urllib.request.Request(
+            f"{self.dashboard}{path}", headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"}
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.load(response)
 
@@ -67,7 +69,9 @@ def _stop(proc: subprocess.Popen, marks: tuple[str, ...]) -> None:
         proc.wait(timeout=10)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    leftovers = [p for p in psutil.process_iter(["cmdline"]) if any(m in a for a in (p.info["cmdline"] or []) for m in marks)]
+    leftovers = [
+        p for p in psutil.process_iter(["cmdline"]) if any(m in a for a in (p.info["cmdline"] or []) for m in marks)
+    ]
     leftovers += [p for p in descendants if p.is_running() and p not in leftovers]
     for p in leftovers:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -80,7 +84,10 @@ def _stop(proc: subprocess.Popen, marks: tuple[str, ...]) -> None:
 def ray_head():
     # A short temp dir: Ray's unix socket paths must stay under 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="rcjs-", dir="/tmp")
-    ports = {name: free_port() for name in ("gcs", "dashboard", "metrics", "client", "agent_http", "agent_grpc", "runtime_env")}
+    ports = {
+        name: free_port()
+        for name in ("gcs", "dashboard", "metrics", "client", "agent_http", "agent_grpc", "runtime_env")
+    }
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env |= {
         "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # `python` in the job = this venv, as after `source .venv/bin/activate`
@@ -91,20 +98,45 @@ def ray_head():
     }
     env |= local_ray_env(env)  # what cluster/start-local.sh exports (the RayService pods set the same Serve runtime)
     env |= serve_side_ports_env()  # HAProxy's fixed ports stay free for the tests' own Ray instance
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-           "--port", str(ports["gcs"]), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(ports["dashboard"]),
-           "--metrics-export-port", str(ports["metrics"]), "--ray-client-server-port", str(ports["client"]),
-           "--dashboard-agent-listen-port", str(ports["agent_http"]), "--dashboard-agent-grpc-port", str(ports["agent_grpc"]),
-           "--runtime-env-agent-port", str(ports["runtime_env"]),
-           "--temp-dir", temp_dir, "--num-cpus", "2", "--disable-usage-stats"]
-    log = open(Path(temp_dir) / "ray-start.log", "w")
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(ports["gcs"]),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(ports["dashboard"]),
+        "--metrics-export-port",
+        str(ports["metrics"]),
+        "--ray-client-server-port",
+        str(ports["client"]),
+        "--dashboard-agent-listen-port",
+        str(ports["agent_http"]),
+        "--dashboard-agent-grpc-port",
+        str(ports["agent_grpc"]),
+        "--runtime-env-agent-port",
+        str(ports["runtime_env"]),
+        "--temp-dir",
+        temp_dir,
+        "--num-cpus",
+        "2",
+        "--disable-usage-stats",
+    ]
+    log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115 (open across the yield, closed below)
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     head = Head(f"http://127.0.0.1:{ports['dashboard']}", f"127.0.0.1:{ports['gcs']}", ports["metrics"], temp_dir, env)
     try:
         deadline = time.monotonic() + 120
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"ray start exited {proc.returncode}:\n{(Path(temp_dir) / 'ray-start.log').read_text()[-3000:]}")
+                pytest.fail(
+                    f"ray start exited {proc.returncode}:\n{(Path(temp_dir) / 'ray-start.log').read_text()[-3000:]}"
+                )
             try:
                 head.api("/api/jobs/")
                 break
@@ -122,14 +154,23 @@ def ray_head():
 def readme_command(module: str) -> str:
     """The README's local `ray job submit ... python -m <module> ... $PWD/...` command, continuation lines joined."""
     text = (ROOT / "README.md").read_text().replace("\\\n", " ")
-    (line,) = [ln for ln in text.splitlines() if ln.startswith("ray job submit") and f"python -m {module} " in ln and "$PWD" in ln]
+    (line,) = [
+        ln
+        for ln in text.splitlines()
+        if ln.startswith("ray job submit") and f"python -m {module} " in ln and "$PWD" in ln
+    ]
     return line
 
 
 def test_readme_ray_job_submit_runs_pretokenize_to_succeeded(ray_head, tmp_path):
     env = ray_head.env | {"RAY_API_SERVER_ADDRESS": ray_head.dashboard}
-    subprocess.run([str(BIN / "python"), "-m", "raychat.jobs.make_sample", "--output", f"{tmp_path}/runs/sample.jsonl"],
-                   env=env, cwd=ROOT, check=True, timeout=120)
+    subprocess.run(
+        [str(BIN / "python"), "-m", "raychat.jobs.make_sample", "--output", f"{tmp_path}/runs/sample.jsonl"],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        timeout=120,
+    )
     command = readme_command("raychat.jobs.pretokenize").replace("$PWD", str(tmp_path))
     argv = shlex.split(command)
     argv[0] = str(BIN / "ray")
@@ -142,7 +183,9 @@ def test_readme_ray_job_submit_runs_pretokenize_to_succeeded(ray_head, tmp_path)
         assert time.monotonic() < deadline, job
         time.sleep(1)
     assert job["status"] == "SUCCEEDED", job.get("message")
-    assert job["entrypoint"].startswith("python -m raychat.jobs.pretokenize --config configs/data/pretokenize-sample.yaml")
+    assert job["entrypoint"].startswith(
+        "python -m raychat.jobs.pretokenize --config configs/data/pretokenize-sample.yaml"
+    )
     assert job["runtime_env"]["working_dir"].startswith("gcs://_ray_pkg_")
 
     out = tmp_path / "runs" / "jobs" / "tokenized"
@@ -176,11 +219,22 @@ print("NAMES " + json.dumps(names))
 
 
 def test_metrics_export_uses_the_names_the_dashboards_plot(ray_head):
-    result = subprocess.run([str(BIN / "python"), "-c", METRICS_SCRIPT, ray_head.gcs, str(ray_head.metrics_port)],
-                            env=ray_head.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(BIN / "python"), "-c", METRICS_SCRIPT, ray_head.gcs, str(ray_head.metrics_port)],
+        env=ray_head.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     names = set(json.loads(result.stdout.split("NAMES ", 1)[1]))
-    expected = set().union(*(exported_series(get(n)) for n in ("raychat_requests", "raychat_time_to_first_token_seconds", "raychat_queue_length")))
+    expected = set().union(
+        *(
+            exported_series(get(n))
+            for n in ("raychat_requests", "raychat_time_to_first_token_seconds", "raychat_queue_length")
+        )
+    )
     assert names == expected
 
 
@@ -211,12 +265,15 @@ def test_rayservice_serve_config_deploys_answers_and_exports_serve_metrics(ray_h
     port = free_port()
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     headers = {"Authorization": f"Bearer {ray_head.env['RAY_AUTH_TOKEN']}", "Content-Type": "application/json"}
-    request = urllib.request.Request(f"{ray_head.dashboard}/api/serve/applications/", data=json.dumps(config).encode(),
-                                     headers=headers, method="PUT")
+    request = urllib.request.Request(
+        f"{ray_head.dashboard}/api/serve/applications/", data=json.dumps(config).encode(), headers=headers, method="PUT"
+    )
     urllib.request.urlopen(request, timeout=30).close()
 
     deadline = time.monotonic() + 240
-    while (app := ray_head.api("/api/serve/applications/")["applications"].get("raychat", {})).get("status") != "RUNNING":
+    while (app := ray_head.api("/api/serve/applications/")["applications"].get("raychat", {})).get(
+        "status"
+    ) != "RUNNING":
         assert app.get("status") not in ("DEPLOY_FAILED", "UNHEALTHY"), app.get("message")
         assert time.monotonic() < deadline, app
         time.sleep(2)
@@ -225,13 +282,19 @@ def test_rayservice_serve_config_deploys_answers_and_exports_serve_metrics(ray_h
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30)
     assert refused.value.code == 401
-    keyed = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer sk-test-rayservice"})
+    keyed = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer sk-test-rayservice"}
+    )
     with urllib.request.urlopen(keyed, timeout=30) as response:
         assert [m["id"] for m in json.load(response)["data"]] == ["tiny"]
-    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
-                       "stream": True}).encode()
-    chat = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body, headers={
-        "Authorization": "Bearer sk-test-rayservice", "Content-Type": "application/json"})
+    body = json.dumps(
+        {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True}
+    ).encode()
+    chat = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=body,
+        headers={"Authorization": "Bearer sk-test-rayservice", "Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(chat, timeout=60) as response:
         assert response.read().decode().rstrip().endswith("data: [DONE]")
 
@@ -242,11 +305,15 @@ def test_rayservice_serve_config_deploys_answers_and_exports_serve_metrics(ray_h
     while True:  # Ray exports every RAY_metrics_report_interval_ms (1 s here)
         samples = _scrape(ray_head.metrics_port)
         # model="tiny": the metrics test above exported samples of its own (model "m") on this head
-        got = (value(samples, "ray_raychat_requests_total", 'model="tiny"', 'route="/v1/chat/completions"', 'status="200"'),
-               value(samples, "ray_raychat_requests_total", 'model="tiny"', 'route="/v1/models"', 'status="401"'),
-               value(samples, "ray_raychat_generated_tokens_total", 'model="tiny"'),
-               value(samples, "ray_raychat_prompt_tokens_total", 'model="tiny"'),
-               value(samples, "ray_raychat_time_to_first_token_seconds_count", 'model="tiny"'))
+        got = (
+            value(
+                samples, "ray_raychat_requests_total", 'model="tiny"', 'route="/v1/chat/completions"', 'status="200"'
+            ),
+            value(samples, "ray_raychat_requests_total", 'model="tiny"', 'route="/v1/models"', 'status="401"'),
+            value(samples, "ray_raychat_generated_tokens_total", 'model="tiny"'),
+            value(samples, "ray_raychat_prompt_tokens_total", 'model="tiny"'),
+            value(samples, "ray_raychat_time_to_first_token_seconds_count", 'model="tiny"'),
+        )
         if all(got) or time.monotonic() > deadline:
             break
         time.sleep(1)

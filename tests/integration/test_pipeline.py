@@ -1,9 +1,9 @@
 """The spine end to end on real Ray: sample data → pretokenize → Ray Train + DeepSpeed → Serve → openai client."""
 
 import json
+import urllib.request
 from pathlib import Path
 
-import urllib.request
 import openai
 import pytest
 
@@ -14,18 +14,26 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def pipeline(ray_local, tmp_path_factory):
-    from raychat.jobs.pipeline import run
-    from raychat.core.config import PipelineConfig
-
     import os
+
+    from raychat.core.config import PipelineConfig
+    from raychat.jobs.pipeline import run
 
     port = free_port()
     # A relative workdir, as a newcomer's `make demo` uses: Ray workers run elsewhere, so it must still work.
     cwd = os.getcwd()
     os.chdir(tmp_path_factory.mktemp("cwd"))
     try:
-        cfg = PipelineConfig(workdir="runs", run_id="it", sample_rows=64, epochs=2,
-                             batch_max_len=256, port=port, keep_serving=True, max_tokens=8)
+        cfg = PipelineConfig(
+            workdir="runs",
+            run_id="it",
+            sample_rows=64,
+            epochs=2,
+            batch_max_len=256,
+            port=port,
+            keep_serving=True,
+            max_tokens=8,
+        )
         summary = run(cfg)
     finally:
         os.chdir(cwd)
@@ -49,7 +57,8 @@ def test_quarantine_files_hold_original_rows_with_reasons(pipeline):
     qdir = Path(pipeline["pretokenize"]["quarantine"])
     records = [json.loads(line) for f in qdir.glob("*.jsonl") for line in f.read_text().splitlines()]
     assert sorted(r["reason"] for r in records) == sorted(
-        ["bad_json", "unknown_role", "empty_content", "no_assistant_turn", "not_an_object"])
+        ["bad_json", "unknown_role", "empty_content", "no_assistant_turn", "not_an_object"]
+    )
     assert all(r["file"].endswith("sample.jsonl") and r["record"] and r["index"] >= 0 for r in records)
 
 
@@ -90,27 +99,37 @@ def test_unknown_model_is_404_in_openai_format(pipeline):
 def test_invalid_parameter_is_400_naming_it(pipeline):
     with pytest.raises(openai.BadRequestError) as e:
         client(pipeline).chat.completions.create(
-            model=pipeline["model"], messages=[{"role": "user", "content": "hi"}], temperature=7)
+            model=pipeline["model"], messages=[{"role": "user", "content": "hi"}], temperature=7
+        )
     assert e.value.body["param"] == "temperature"
 
 
 def test_prompt_longer_than_context_is_400_context_length_exceeded(pipeline):
     with pytest.raises(openai.BadRequestError) as e:
         client(pipeline).chat.completions.create(
-            model=pipeline["model"], messages=[{"role": "user", "content": "word " * 5000}])
+            model=pipeline["model"], messages=[{"role": "user", "content": "word " * 5000}]
+        )
     assert e.value.body["code"] == "context_length_exceeded"
 
 
 def test_stream_is_sse_ending_with_done(pipeline):
-    body = {"model": pipeline["model"], "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 4}
-    req = urllib.request.Request(pipeline["endpoint"] + "/chat/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    body = {
+        "model": pipeline["model"],
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "max_tokens": 4,
+    }
+    req = urllib.request.Request(
+        pipeline["endpoint"] + "/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=60) as r:
         content_type, text = r.headers["content-type"], r.read().decode()
     events = [line for line in text.splitlines() if line.startswith("data: ")]
     assert content_type.startswith("text/event-stream")
     assert events[-1] == "data: [DONE]"
-    last = json.loads(events[-2][len("data: "):])
+    last = json.loads(events[-2][len("data: ") :])
     assert last["choices"][0]["finish_reason"] in ("stop", "length")
 
 
@@ -120,8 +139,9 @@ def test_concurrent_requests_all_succeed(pipeline):
     c = client(pipeline)
 
     def one(i):
-        return c.chat.completions.create(model=pipeline["model"], max_tokens=6,
-                                         messages=[{"role": "user", "content": f"Count from 1 to {i}."}])
+        return c.chat.completions.create(
+            model=pipeline["model"], max_tokens=6, messages=[{"role": "user", "content": f"Count from 1 to {i}."}]
+        )
 
     with cf.ThreadPoolExecutor(8) as ex:
         results = list(ex.map(one, range(8)))

@@ -11,7 +11,7 @@ import urllib.request
 import openai
 import pytest
 
-from tests.integration.serving import delete_app, deploy, serve_port  # noqa: F401 (fixture)
+from tests.integration.serving import delete_app, deploy
 
 pytestmark = pytest.mark.integration
 
@@ -28,8 +28,18 @@ def key_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def api(serve_port, tiny_model_dir, key_file):
-    url = deploy(serve_port, "api", checkpoint=str(tiny_model_dir), model_id="tiny", api_keys_file=str(key_file),
-                 num_replicas=1, num_cpus=0.5, max_context=MAX_CONTEXT, max_batch_size=16, max_request_bytes=64 << 10)
+    url = deploy(
+        serve_port,
+        "api",
+        checkpoint=str(tiny_model_dir),
+        model_id="tiny",
+        api_keys_file=str(key_file),
+        num_replicas=1,
+        num_cpus=0.5,
+        max_context=MAX_CONTEXT,
+        max_batch_size=16,
+        max_request_bytes=64 << 10,
+    )
     return url
 
 
@@ -97,46 +107,78 @@ def test_system_message_and_condition_change_the_prompt(api, tokenizer):
 def test_streaming_chat_gives_the_same_text_and_usage_as_non_streaming(api):
     c = client(api)
     whole = c.chat.completions.create(model="tiny", messages=MSG, max_tokens=12, temperature=0)
-    chunks = list(c.chat.completions.create(model="tiny", messages=MSG, max_tokens=12, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        c.chat.completions.create(
+            model="tiny",
+            messages=MSG,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert text == whole.choices[0].message.content
-    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == \
-        [whole.choices[0].finish_reason]
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == [
+        whole.choices[0].finish_reason
+    ]
     assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
 
 
 def test_stream_is_sse_ending_with_done(api):
     body = json.dumps({"model": "tiny", "messages": MSG, "stream": True, "max_tokens": 4}).encode()
-    req = urllib.request.Request(api + "/chat/completions", data=body,
-                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    req = urllib.request.Request(
+        api + "/chat/completions",
+        data=body,
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+    )
     with urllib.request.urlopen(req, timeout=60) as r:
         content_type, text = r.headers["content-type"], r.read().decode()
     events = [line for line in text.splitlines() if line.startswith("data: ")]
     assert content_type.startswith("text/event-stream") and events[-1] == "data: [DONE]"
-    assert json.loads(events[-2][len("data: "):])["choices"][0]["finish_reason"] in ("stop", "length")
+    assert json.loads(events[-2][len("data: ") :])["choices"][0]["finish_reason"] in ("stop", "length")
 
 
 def test_completions_with_several_prompts_and_n_choices(api):
     c = client(api)
-    r = c.completions.create(model="tiny", prompt=["Once upon a time", "The capital of France is"], n=2,
-                             max_tokens=6, temperature=0.8, seed=7)
+    r = c.completions.create(
+        model="tiny",
+        prompt=["Once upon a time", "The capital of France is"],
+        n=2,
+        max_tokens=6,
+        temperature=0.8,
+        seed=7,
+    )
     assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
     one = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0)
     two = c.completions.create(model="tiny", prompt="The capital of France is", max_tokens=6, temperature=0)
     assert r.usage.prompt_tokens == one.usage.prompt_tokens + two.usage.prompt_tokens  # once per prompt, not per choice
     assert sum(bool(ch.text) for ch in r.choices) <= r.usage.completion_tokens <= 4 * 6
-    again = c.completions.create(model="tiny", prompt=["Once upon a time", "The capital of France is"], n=2,
-                                 max_tokens=6, temperature=0.8, seed=7)
+    again = c.completions.create(
+        model="tiny",
+        prompt=["Once upon a time", "The capital of France is"],
+        n=2,
+        max_tokens=6,
+        temperature=0.8,
+        seed=7,
+    )
     assert [ch.text for ch in again.choices] == [ch.text for ch in r.choices]  # seeded: reproducible
 
 
 def test_completions_accept_token_ids_and_stream(api):
     c = client(api)
     whole = c.completions.create(model="tiny", prompt=[1, 415, 5565, 302], max_tokens=8, temperature=0)
-    chunks = list(c.completions.create(model="tiny", prompt=[1, 415, 5565, 302], max_tokens=8, temperature=0,
-                                       stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        c.completions.create(
+            model="tiny",
+            prompt=[1, 415, 5565, 302],
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == whole.choices[0].text
     assert whole.usage.prompt_tokens == 4 and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
@@ -147,9 +189,12 @@ def test_n_chat_choices_are_seeded_and_distinct_indices(api):
     assert sorted(ch.index for ch in r.choices) == [0, 1, 2]
     again = c.chat.completions.create(model="tiny", messages=MSG, n=3, max_tokens=8, temperature=1.0, seed=1)
     assert [ch.message.content for ch in again.choices] == [ch.message.content for ch in r.choices]
-    streamed = list(c.chat.completions.create(model="tiny", messages=MSG, n=3, max_tokens=8, temperature=1.0, seed=1,
-                                              stream=True))
-    by_index = {i: "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices[0].index == i) for i in range(3)}
+    streamed = list(
+        c.chat.completions.create(model="tiny", messages=MSG, n=3, max_tokens=8, temperature=1.0, seed=1, stream=True)
+    )
+    by_index = {
+        i: "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices[0].index == i) for i in range(3)
+    }
     assert [by_index[i] for i in range(3)] == [ch.message.content for ch in r.choices]
 
 
@@ -167,7 +212,7 @@ def test_stop_strings_are_honoured_and_not_returned(api, stream):
     else:
         r = c.completions.create(**kwargs)
         text, finish = r.choices[0].text, [r.choices[0].finish_reason]
-    assert text == full[:full.index(stop)] and finish == ["stop"]
+    assert text == full[: full.index(stop)] and finish == ["stop"]
 
 
 def test_missing_or_wrong_api_key_is_401_in_openai_format(api):
@@ -222,21 +267,47 @@ def test_other_layout_and_engine_mode_serve_the_same_text_whole_and_streamed(api
     # engine mode (the batching loop as a thread of the replica, or in a child process).
     other = "split" if ServeConfig.model_fields["layout"].default == "combined" else "combined"
     process = not ServeConfig.model_fields["engine_process"].default
-    url = deploy(serve_port, "other", checkpoint=str(tiny_model_dir), model_id="tiny", allow_no_auth=True,
-                 num_replicas=1, num_cpus=0.25, max_batch_size=8, layout=other, engine_process=process)
+    url = deploy(
+        serve_port,
+        "other",
+        checkpoint=str(tiny_model_dir),
+        model_id="tiny",
+        allow_no_auth=True,
+        num_replicas=1,
+        num_cpus=0.25,
+        max_batch_size=8,
+        layout=other,
+        engine_process=process,
+    )
     kwargs = dict(model="tiny", messages=MSG, max_tokens=12, temperature=0)
     reference = client(api).chat.completions.create(**kwargs)
     c = client(url, key="unused")
     whole = c.chat.completions.create(**kwargs)
     chunks = list(c.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
     assert whole.choices[0].message.content == reference.choices[0].message.content
-    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == reference.choices[0].message.content
+    assert (
+        "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        == reference.choices[0].message.content
+    )
     assert chunks[-1].usage.model_dump() == reference.usage.model_dump()
-    several = list(c.completions.create(model="tiny", prompt=["Once upon a time", "The capital of France is"],
-                                        max_tokens=6, temperature=0, stream=True))
+    several = list(
+        c.completions.create(
+            model="tiny",
+            prompt=["Once upon a time", "The capital of France is"],
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+        )
+    )
     texts = ["".join(ch.choices[0].text for ch in several if ch.choices[0].index == i) for i in range(2)]
-    assert texts == [ch.text for ch in client(api).completions.create(
-        model="tiny", prompt=["Once upon a time", "The capital of France is"], max_tokens=6, temperature=0).choices]
+    assert texts == [
+        ch.text
+        for ch in client(api)
+        .completions.create(
+            model="tiny", prompt=["Once upon a time", "The capital of France is"], max_tokens=6, temperature=0
+        )
+        .choices
+    ]
     serve.delete("other")
 
 
@@ -244,8 +315,18 @@ def test_other_layout_and_engine_mode_serve_the_same_text_whole_and_streamed(api
 def test_request_over_request_timeout_is_cancelled_with_504_and_not_retried(serve_port, tiny_model_dir, layout):
     from ray import serve
 
-    url = deploy(serve_port, f"deadline-{layout}", checkpoint=str(tiny_model_dir), model_id="tiny", allow_no_auth=True,
-                 num_replicas=1, num_cpus=0.25, max_batch_size=1, request_timeout_s=1, layout=layout)
+    url = deploy(
+        serve_port,
+        f"deadline-{layout}",
+        checkpoint=str(tiny_model_dir),
+        model_id="tiny",
+        allow_no_auth=True,
+        num_replicas=1,
+        num_cpus=0.25,
+        max_batch_size=1,
+        request_timeout_s=1,
+        layout=layout,
+    )
     # A long greedy generation (LONG_PROMPT); the official client's default retries are on. One
     # request runs at a time, so a generation left running would hold up the next ones.
     c = openai.OpenAI(base_url=url, api_key="unused", max_retries=2, timeout=60)
@@ -253,7 +334,11 @@ def test_request_over_request_timeout_is_cancelled_with_504_and_not_retried(serv
     with pytest.raises(openai.APIStatusError) as e:
         c.completions.create(model="tiny", prompt=LONG_PROMPT, max_tokens=LONG_MAX_TOKENS, temperature=0)
     dt = time.perf_counter() - t
-    assert e.value.status_code == 504 and e.value.body["code"] == "timeout" and "request_timeout_s" in e.value.body["message"]
+    assert (
+        e.value.status_code == 504
+        and e.value.body["code"] == "timeout"
+        and "request_timeout_s" in e.value.body["message"]
+    )
     assert 1.0 <= dt < 2.5  # answered at the deadline, and not retried (x-should-retry: false)
 
     def slot_is_free() -> None:  # a generation left running would hold the one slot for seconds more
@@ -267,7 +352,9 @@ def test_request_over_request_timeout_is_cancelled_with_504_and_not_retried(serv
     slot_is_free()
     text = []
     with pytest.raises(openai.APIError) as e:
-        for ch in c.completions.create(model="tiny", prompt=LONG_PROMPT, max_tokens=LONG_MAX_TOKENS, temperature=0, stream=True):
+        for ch in c.completions.create(
+            model="tiny", prompt=LONG_PROMPT, max_tokens=LONG_MAX_TOKENS, temperature=0, stream=True
+        ):
             text.append(ch.choices[0].text)
     assert e.value.body["code"] == "timeout" and "".join(text)  # text up to the deadline, then the error event
     slot_is_free()
@@ -277,27 +364,47 @@ def test_request_over_request_timeout_is_cancelled_with_504_and_not_retried(serv
 def test_32_concurrent_requests_all_succeed_and_share_batches(api):
     async def main():
         c = aclient(api)
-        calls = [c.chat.completions.create(model="tiny", max_tokens=16, temperature=0,
-                                           messages=[{"role": "user", "content": f"Count to {i}."}]) for i in range(24)]
-        calls += [c.completions.create(model="tiny", prompt=f"{i} + {i} =", max_tokens=16, stream=True) for i in range(8)]
+        calls = [
+            c.chat.completions.create(
+                model="tiny", max_tokens=16, temperature=0, messages=[{"role": "user", "content": f"Count to {i}."}]
+            )
+            for i in range(24)
+        ]
+        calls += [
+            c.completions.create(model="tiny", prompt=f"{i} + {i} =", max_tokens=16, stream=True) for i in range(8)
+        ]
         t = time.perf_counter()
         out = await asyncio.gather(*calls)
-        streamed = [[ch async for ch in s] for s in out[24:]]
+        streamed = []
+        for s in out[24:]:
+            streamed.append([ch async for ch in s])
         return out[:24], streamed, time.perf_counter() - t
 
     whole, streamed, _ = asyncio.run(main())
     assert all(r.choices[0].finish_reason in ("stop", "length") for r in whole)
     assert all(any(ch.choices[0].finish_reason for ch in s) for s in streamed)
-    solo = client(api).chat.completions.create(model="tiny", max_tokens=16, temperature=0,
-                                               messages=[{"role": "user", "content": "Count to 5."}])
+    solo = client(api).chat.completions.create(
+        model="tiny", max_tokens=16, temperature=0, messages=[{"role": "user", "content": "Count to 5."}]
+    )
     assert whole[5].choices[0].message.content == solo.choices[0].message.content
 
 
 @pytest.mark.parametrize("layout", ["split", "combined"])
 def test_full_queue_answers_fast_with_429_retry_after(serve_port, tiny_model_dir, layout):
-    url = deploy(serve_port, f"tight-{layout}", checkpoint=str(tiny_model_dir), model_id="tiny", allow_no_auth=True,
-                 num_replicas=1, num_cpus=0.25, max_batch_size=1, max_ongoing_requests=1, max_queued_requests=1,
-                 retry_after_s=2, layout=layout)
+    url = deploy(
+        serve_port,
+        f"tight-{layout}",
+        checkpoint=str(tiny_model_dir),
+        model_id="tiny",
+        allow_no_auth=True,
+        num_replicas=1,
+        num_cpus=0.25,
+        max_batch_size=1,
+        max_ongoing_requests=1,
+        max_queued_requests=1,
+        retry_after_s=2,
+        layout=layout,
+    )
 
     async def one(c):
         t = time.perf_counter()
@@ -326,9 +433,19 @@ def test_default_layout_autoscales_up_under_load(serve_port, tiny_model_dir):
 
     # Replicas of the default (combined) layout take HTTP straight from HAProxy, so no handle sees
     # the load: Serve's autoscaler must get it from the replicas' own reports.
-    url = deploy(serve_port, "auto", checkpoint=str(tiny_model_dir), model_id="tiny", allow_no_auth=True,
-                 min_replicas=1, max_replicas=2, target_ongoing_requests=2, num_cpus=0.25, max_batch_size=8,
-                 autoscaling_overrides={"upscale_delay_s": 1, "downscale_delay_s": 600})
+    url = deploy(
+        serve_port,
+        "auto",
+        checkpoint=str(tiny_model_dir),
+        model_id="tiny",
+        allow_no_auth=True,
+        min_replicas=1,
+        max_replicas=2,
+        target_ongoing_requests=2,
+        num_cpus=0.25,
+        max_batch_size=8,
+        autoscaling_overrides={"upscale_delay_s": 1, "downscale_delay_s": 600},
+    )
 
     def replicas() -> int:
         states = serve.status().applications["auto"].deployments["LLMEngine"].replica_states
@@ -336,8 +453,10 @@ def test_default_layout_autoscales_up_under_load(serve_port, tiny_model_dir):
 
     async def main():
         c = aclient(url, key="unused")
-        tasks = [asyncio.ensure_future(c.completions.create(model="tiny", prompt=f"story {i}", max_tokens=400))
-                 for i in range(32)]
+        tasks = [
+            asyncio.ensure_future(c.completions.create(model="tiny", prompt=f"story {i}", max_tokens=400))
+            for i in range(32)
+        ]
         try:
             for _ in range(80):  # at most 40 s: Serve's replicas report every 10 s
                 if replicas() >= 2 or all(t.done() for t in tasks):
@@ -364,28 +483,42 @@ def test_rolling_out_a_new_config_loses_no_request_in_flight_or_arriving(serve_p
 
     # What a new checkpoint in the RayService does: the same app with other args, so every replica is
     # replaced while requests run and keep coming (default layout: the replicas are the ingress).
-    cfg = dict(checkpoint=str(tiny_model_dir), model_id="tiny", allow_no_auth=True, num_replicas=1, num_cpus=0.25,
-               max_batch_size=8)
+    cfg = dict(
+        checkpoint=str(tiny_model_dir),
+        model_id="tiny",
+        allow_no_auth=True,
+        num_replicas=1,
+        num_cpus=0.25,
+        max_batch_size=8,
+    )
     url = deploy(serve_port, "roll", **cfg)
 
     def replica_names() -> set:
-        return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                if "LLMEngine" in a["name"] and "roll" in a["name"]}
+        return {
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if "LLMEngine" in a["name"] and "roll" in a["name"]
+        }
 
     async def one(c, i, stream: bool, max_tokens: int):
         if stream:
             finish = None
-            async for ch in await c.completions.create(model="tiny", prompt=f"s{i}", max_tokens=max_tokens, stream=True):
+            async for ch in await c.completions.create(
+                model="tiny", prompt=f"s{i}", max_tokens=max_tokens, stream=True
+            ):
                 finish = ch.choices[0].finish_reason or finish
             return finish
-        return (await c.completions.create(model="tiny", prompt=f"s{i}", max_tokens=max_tokens)).choices[0].finish_reason
+        return (
+            (await c.completions.create(model="tiny", prompt=f"s{i}", max_tokens=max_tokens)).choices[0].finish_reason
+        )
 
     async def main():
         c = aclient(url, key="unused")
         running = [asyncio.ensure_future(one(c, i, i % 2 == 0, 300)) for i in range(8)]
         await asyncio.sleep(1.0)
         rollout = asyncio.get_running_loop().run_in_executor(
-            None, lambda: serve.run(build_app({**cfg, "stream_interval_s": 0.03}), name="roll", route_prefix="/roll"))
+            None, lambda: serve.run(build_app({**cfg, "stream_interval_s": 0.03}), name="roll", route_prefix="/roll")
+        )
         arriving = []
         for _ in range(120):  # at most 60 s
             if rollout.done():
@@ -406,7 +539,11 @@ def _engine_processes() -> set[int]:
     """PIDs of the engine child processes (``engine_process``) running on this machine."""
     import psutil
 
-    return {p.pid for p in psutil.process_iter(["cmdline"]) if "raychat.core.infer.engine_process" in (p.info["cmdline"] or [])}
+    return {
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if "raychat.core.infer.engine_process" in (p.info["cmdline"] or [])
+    }
 
 
 def _kill_a_replica_mid_load(app: str, c: openai.AsyncOpenAI) -> list[tuple]:
@@ -422,7 +559,9 @@ def _kill_a_replica_mid_load(app: str, c: openai.AsyncOpenAI) -> list[tuple]:
         try:
             if i % 4 == 0:
                 finish = None
-                async for ch in await c.completions.create(model="tiny", prompt=f"story {i}", max_tokens=96, stream=True):
+                async for ch in await c.completions.create(
+                    model="tiny", prompt=f"story {i}", max_tokens=96, stream=True
+                ):
                     started.add(i)
                     finish = ch.choices[0].finish_reason or finish
                 return ("ok" if finish else "truncated"), finish
@@ -443,8 +582,9 @@ def _kill_a_replica_mid_load(app: str, c: openai.AsyncOpenAI) -> list[tuple]:
             await asyncio.sleep(0.05)
         assert len(started) >= 4, "the streams never began"
         await asyncio.sleep(0.2)
-        victim = next(a for a in ray.util.list_named_actors(all_namespaces=True)
-                      if "LLMEngine" in a["name"] and app in a["name"])
+        victim = next(
+            a for a in ray.util.list_named_actors(all_namespaces=True) if "LLMEngine" in a["name"] and app in a["name"]
+        )
         ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
         return await asyncio.wait_for(asyncio.gather(*tasks), timeout=90)
 
@@ -455,8 +595,17 @@ def test_killing_an_engine_replica_mid_load_loses_no_accepted_request_in_split_l
     from ray import serve
 
     # The router retries a dead engine replica and reports, in OpenAI's format, what it cannot retry.
-    url = deploy(serve_port, "killsplit", checkpoint=str(tiny_model_dir), model_id="tiny", allow_no_auth=True,
-                 num_replicas=2, num_cpus=0.25, max_batch_size=8, layout="split")
+    url = deploy(
+        serve_port,
+        "killsplit",
+        checkpoint=str(tiny_model_dir),
+        model_id="tiny",
+        allow_no_auth=True,
+        num_replicas=2,
+        num_cpus=0.25,
+        max_batch_size=8,
+        layout="split",
+    )
     results = _kill_a_replica_mid_load("killsplit", aclient(url, key="unused"))  # no client retries
     for status, body in results:
         if status == "ok":
@@ -467,15 +616,27 @@ def test_killing_an_engine_replica_mid_load_loses_no_accepted_request_in_split_l
     serve.delete("killsplit")
 
 
-def test_killing_a_replica_mid_load_in_combined_layout_fails_only_streams_under_way_and_loudly(serve_port, tiny_model_dir):
+def test_killing_a_replica_mid_load_in_combined_layout_fails_only_streams_under_way_and_loudly(
+    serve_port, tiny_model_dir
+):
     from ray import serve
 
     # The replica is the ingress: its requests die with it. HAProxy answers those not yet answered
     # with a 500, which the official client retries (max_retries=2 is its default) on the replica left;
     # a stream already under way breaks off, which the client raises — it never ends as if complete.
     engines_before = _engine_processes()
-    url = deploy(serve_port, "killcomb", checkpoint=str(tiny_model_dir), model_id="tiny", allow_no_auth=True,
-                 num_replicas=2, num_cpus=0.25, max_batch_size=8, layout="combined", engine_process=True)
+    url = deploy(
+        serve_port,
+        "killcomb",
+        checkpoint=str(tiny_model_dir),
+        model_id="tiny",
+        allow_no_auth=True,
+        num_replicas=2,
+        num_cpus=0.25,
+        max_batch_size=8,
+        layout="combined",
+        engine_process=True,
+    )
     assert len(_engine_processes()) == len(engines_before) + 2  # one child process per replica
     server_errors = []
 
@@ -483,8 +644,13 @@ def test_killing_a_replica_mid_load_in_combined_layout_fails_only_streams_under_
         if response.status_code >= 500:
             server_errors.append(response.status_code)
 
-    c = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=2, timeout=60,
-                           http_client=openai.DefaultAsyncHttpxClient(event_hooks={"response": [note_5xx]}))
+    c = openai.AsyncOpenAI(
+        base_url=url,
+        api_key="unused",
+        max_retries=2,
+        timeout=60,
+        http_client=openai.DefaultAsyncHttpxClient(event_hooks={"response": [note_5xx]}),
+    )
     results = _kill_a_replica_mid_load("killcomb", c)
     non_streamed = [r for i, r in enumerate(results) if i % 4]
     streams = [r for i, r in enumerate(results) if i % 4 == 0]
@@ -509,13 +675,25 @@ def test_a_dead_engine_process_fails_its_requests_with_503_and_serve_replaces_th
     from ray import serve
 
     before = _engine_processes()
-    url = deploy(serve_port, "childdeath", checkpoint=str(tiny_model_dir), model_id="tiny", allow_no_auth=True,
-                 num_replicas=1, num_cpus=0.25, max_batch_size=4, layout="combined", engine_process=True,
-                 health_check_period_s=1)
+    url = deploy(
+        serve_port,
+        "childdeath",
+        checkpoint=str(tiny_model_dir),
+        model_id="tiny",
+        allow_no_auth=True,
+        num_replicas=1,
+        num_cpus=0.25,
+        max_batch_size=4,
+        layout="combined",
+        engine_process=True,
+        health_check_period_s=1,
+    )
     (child,) = _engine_processes() - before
     c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
     with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(c.completions.create, model="tiny", prompt=LONG_PROMPT, max_tokens=LONG_MAX_TOKENS, temperature=0)
+        pending = pool.submit(
+            c.completions.create, model="tiny", prompt=LONG_PROMPT, max_tokens=LONG_MAX_TOKENS, temperature=0
+        )
         time.sleep(1.0)
         assert not pending.done()
         os.kill(child, signal.SIGKILL)
@@ -529,8 +707,9 @@ def test_a_dead_engine_process_fails_its_requests_with_503_and_serve_replaces_th
     deadline, outcome = time.monotonic() + 120, None
     while time.monotonic() < deadline:
         try:
-            outcome = c.completions.create(model="tiny", prompt="story", max_tokens=4,
-                                           temperature=0).choices[0].finish_reason  # greedy: never a sampled stop
+            outcome = (
+                c.completions.create(model="tiny", prompt="story", max_tokens=4, temperature=0).choices[0].finish_reason
+            )  # greedy: never a sampled stop
             break
         except (openai.APIStatusError, openai.APIConnectionError) as err:
             assert getattr(err, "status_code", 503) >= 500  # unavailable while being replaced, never a 4xx

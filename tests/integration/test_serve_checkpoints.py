@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.fake_runs import write_run
-from tests.integration.serving import local_greedy, serve_port, serve_run  # noqa: F401 (fixture)
+from tests.integration.serving import local_greedy, serve_run
 
 pytestmark = pytest.mark.integration
 
@@ -19,9 +19,17 @@ def test_best_and_latest_checkpoints_of_an_s3_run_are_served(serve_port, s3_buck
     best_card, best_text = serve_run(serve_port, run, "best", tmp_path / "cache")
     latest_card, latest_text = serve_run(serve_port, run, "latest", tmp_path / "cache")
 
-    assert (best_card["uri"], best_card["step"], best_card["eval_loss"], best_card["run"]) == \
-        (manifest["checkpoints"][0]["uri"], 10, 5.0, run)
-    assert (latest_card["uri"], latest_card["step"], latest_card["eval_loss"]) == (manifest["checkpoints"][1]["uri"], 20, 6.0)
+    assert (best_card["uri"], best_card["step"], best_card["eval_loss"], best_card["run"]) == (
+        manifest["checkpoints"][0]["uri"],
+        10,
+        5.0,
+        run,
+    )
+    assert (latest_card["uri"], latest_card["step"], latest_card["eval_loss"]) == (
+        manifest["checkpoints"][1]["uri"],
+        20,
+        6.0,
+    )
     assert best_text == local_greedy(tiny_model_dir) and latest_text == local_greedy(other)
     assert best_text != latest_text
     # Downloaded once each into the node cache, without the DeepSpeed training state.

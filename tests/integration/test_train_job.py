@@ -15,9 +15,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def tokenized(ray_local, tmp_path_factory):
-    from raychat.jobs.pretokenize import run
     from raychat.core.config import PretokenizeConfig
     from raychat.core.data.sample import sample_jsonl
+    from raychat.jobs.pretokenize import run
 
     root = tmp_path_factory.mktemp("train-data")
     (root / "in.jsonl").write_text(sample_jsonl(96, include_bad_rows=False))
@@ -28,8 +28,16 @@ def tokenized(ray_local, tmp_path_factory):
 def cfg(tokenized, out, **kw):
     from raychat.core.config import TrainConfig
 
-    base = dict(data=tokenized, output=str(out), name="run", batch_max_len=256, learning_rate=1e-3, warmup_steps=2,
-                eval_fraction=0.1, epochs=5)
+    base = dict(
+        data=tokenized,
+        output=str(out),
+        name="run",
+        batch_max_len=256,
+        learning_rate=1e-3,
+        warmup_steps=2,
+        eval_fraction=0.1,
+        epochs=5,
+    )
     return TrainConfig(**(base | kw))
 
 
@@ -63,12 +71,16 @@ def _kill_first_train_worker_after_checkpoint(run_dir: Path, killed: list, deadl
 
 
 def test_killed_worker_restarts_from_checkpoint_and_finishes(tokenized, tmp_path):
-    from raychat.jobs.train.driver import run
     from transformers import AutoModelForCausalLM
 
+    from raychat.jobs.train.driver import run
+
     killed: list = []
-    watcher = threading.Thread(target=_kill_first_train_worker_after_checkpoint,
-                               args=(tmp_path / "run", killed, time.time() + 300), daemon=True)
+    watcher = threading.Thread(
+        target=_kill_first_train_worker_after_checkpoint,
+        args=(tmp_path / "run", killed, time.time() + 300),
+        daemon=True,
+    )
     watcher.start()
     summary = run(cfg(tokenized, tmp_path, max_steps=16, checkpoint_every=2, max_failures=2, async_checkpoint=False))
     watcher.join(timeout=5)
@@ -82,9 +94,9 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(tokenized, tmp_path
 def test_data_from_another_tokenizer_is_refused(tokenized, tmp_path):
     import shutil
 
-    from raychat.jobs.train.driver import run
-    from raychat.core.model.hf import create_embedded_base_model
     from raychat.core.data.tokenizer import build_embedded_tokenizer
+    from raychat.core.model.hf import create_embedded_base_model
+    from raychat.jobs.train.driver import run
 
     base = create_embedded_base_model(tmp_path / "base")
     tok = build_embedded_tokenizer()
@@ -97,11 +109,23 @@ def test_data_from_another_tokenizer_is_refused(tokenized, tmp_path):
 
 @pytest.mark.slow
 def test_two_workers_with_zero3_accumulation_and_checkpointing_train_on_packed_steps(tokenized, tmp_path):
-    from raychat.jobs.train.driver import run
     from transformers import AutoModelForCausalLM
 
-    s = run(cfg(tokenized, tmp_path, num_workers=2, cpus_per_worker=0.5, zero_stage=3, grad_accum=2,
-                gradient_checkpointing=True, max_steps=3, epochs=1))
+    from raychat.jobs.train.driver import run
+
+    s = run(
+        cfg(
+            tokenized,
+            tmp_path,
+            num_workers=2,
+            cpus_per_worker=0.5,
+            zero_stage=3,
+            grad_accum=2,
+            gradient_checkpointing=True,
+            max_steps=3,
+            epochs=1,
+        )
+    )
     assert s["steps"] == 3 and [h["step"] for h in s["history"]] == [1, 2, 3]
     budget = 2 * 2 * 256  # workers × accumulation packs × batch_max_len
     for h in s["history"]:
@@ -110,8 +134,8 @@ def test_two_workers_with_zero3_accumulation_and_checkpointing_train_on_packed_s
         assert h["grad_norm"] > 0 and h["lr"] > 0
     assert s["packing_efficiency"][0] >= 0.9
     # Every step metric reaches Prometheus under a name the dashboards know (raychat/core/common/metric_specs.py).
-    from raychat.jobs.train.driver import _GAUGE_OF
     from raychat.core.common.metric_specs import TRAIN_METRICS
+    from raychat.jobs.train.driver import _GAUGE_OF
 
     assert set(_GAUGE_OF.values()) == {m.name for m in TRAIN_METRICS}
     assert set(_GAUGE_OF) - {"eval_loss"} <= set(s["history"][-1]) and s["eval_loss"] is not None
@@ -124,15 +148,29 @@ def test_lora_run_saves_a_merged_model_that_differs_from_the_base_and_tensorboar
     pytest.importorskip("peft")
     pytest.importorskip("tensorboard")
     import torch
-    from raychat.jobs.train.driver import run
     from transformers import AutoModelForCausalLM
 
-    s = run(cfg(tokenized, tmp_path, lora_r=4, learning_rate=5e-2, warmup_steps=0, max_steps=2, eval_fraction=0,
-                tensorboard_dir=str(tmp_path / "tb"), log_every=1))
+    from raychat.jobs.train.driver import run
+
+    s = run(
+        cfg(
+            tokenized,
+            tmp_path,
+            lora_r=4,
+            learning_rate=5e-2,
+            warmup_steps=0,
+            max_steps=2,
+            eval_fraction=0,
+            tensorboard_dir=str(tmp_path / "tb"),
+            log_every=1,
+        )
+    )
     trained = AutoModelForCausalLM.from_pretrained(s["checkpoint"], use_safetensors=True)
     base = AutoModelForCausalLM.from_pretrained(s["base_model"], use_safetensors=True)
     assert not any("lora" in k for k in trained.state_dict())
     changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
-    assert changed and all(any(m in k for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
-                           for k in changed), changed
+    assert changed and all(
+        any(m in k for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+        for k in changed
+    ), changed
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

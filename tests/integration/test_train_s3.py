@@ -8,7 +8,7 @@ import pytest
 
 from raychat.core.common import storage
 from raychat.core.data.sample import sample_jsonl
-from tests.integration.serving import local_greedy, serve_port, serve_run  # noqa: F401 (fixture)
+from tests.integration.serving import local_greedy, serve_run
 
 pytestmark = pytest.mark.integration
 
@@ -22,16 +22,26 @@ def trained(ray_local, s3_server):
     rises at the end was not found deterministically within the suite's time budget."""
     import boto3
 
+    from raychat.core.config import PretokenizeConfig, TrainConfig
     from raychat.jobs.pretokenize import run as pretokenize
     from raychat.jobs.train.driver import run as train
-    from raychat.core.config import PretokenizeConfig, TrainConfig
 
     bucket = f"raychat-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
     storage.write_text(f"s3://{bucket}/in.jsonl", sample_jsonl(48, include_bad_rows=False))
     pretokenize(PretokenizeConfig(input=f"s3://{bucket}/in.jsonl", output=f"s3://{bucket}/tok"))
-    s = train(TrainConfig(data=f"s3://{bucket}/tok", output=f"s3://{bucket}/runs", name="r", max_steps=2,
-                          checkpoint_every=1, batch_max_len=256, eval_fraction=0.1, learning_rate=1e-3))
+    s = train(
+        TrainConfig(
+            data=f"s3://{bucket}/tok",
+            output=f"s3://{bucket}/runs",
+            name="r",
+            max_steps=2,
+            checkpoint_every=1,
+            batch_max_len=256,
+            eval_fraction=0.1,
+            learning_rate=1e-3,
+        )
+    )
     return bucket, s, json.loads(storage.read_text(s["manifest"]))
 
 
@@ -56,7 +66,12 @@ def test_best_and_latest_checkpoints_of_the_trained_run_are_served(trained, serv
     for select in ("best", "latest"):
         card, text = serve_run(serve_port, run, select, tmp_path / "cache", layout="combined")
         entry = entries[manifest[select]]
-        assert (card["uri"], card["step"], card["eval_loss"], card["run"], card["selected"]) == \
-            (entry["uri"], entry["step"], entry["eval_loss"], run, select)
+        assert (card["uri"], card["step"], card["eval_loss"], card["run"], card["selected"]) == (
+            entry["uri"],
+            entry["step"],
+            entry["eval_loss"],
+            run,
+            select,
+        )
         # The served weights are that checkpoint's: same greedy text as generating from it in-process.
         assert text == local_greedy(storage.local_or_download(entry["uri"], tmp_path / "local" / select))

@@ -50,8 +50,14 @@ def test_two_workers_on_two_nodes_train_from_and_checkpoint_to_s3_only(s3_server
         ray.shutdown(); cluster.shutdown()
     """)
     # A new session, so that on a timeout the whole cluster (raylets, workers) is killed with it.
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ.copy(), start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=600)
     finally:

@@ -28,7 +28,9 @@ def test_example_config_validates_and_names_its_command(path):
     # Required options the command line supplies (e.g. --data/--output after --config).
     for name, field in model.model_fields.items():
         if field.is_required() and name not in values:
-            assert f"--{name.replace('_', '-')}" in first, f"{path.name}: {name} is neither in the file nor on its command"
+            assert f"--{name.replace('_', '-')}" in first, (
+                f"{path.name}: {name} is neither in the file nor on its command"
+            )
             values[name] = "/tmp/placeholder"
     model.model_validate(values)
 

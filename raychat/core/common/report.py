@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 
 def format_table(title: str, rows: Iterable[tuple[str, Any]]) -> str:

@@ -98,7 +98,9 @@ def upload_dir(local_dir: str | os.PathLike, uri: str) -> None:
     """Copies a local directory tree to ``uri`` (local or s3)."""
     fs, path = resolve(uri)
     fs.create_dir(path, recursive=True)
-    pafs.copy_files(str(Path(local_dir).resolve()), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    pafs.copy_files(
+        str(Path(local_dir).resolve()), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+    )
 
 
 def download_dir(uri: str, local_dir: str | os.PathLike) -> Path:
@@ -160,9 +162,9 @@ def glob_regex(pattern: str):
         elif c == "?":
             out.append("[^/]")
             i += 1
-        elif c == "[" and "]" in pattern[i + 1:]:
+        elif c == "[" and "]" in pattern[i + 1 :]:
             j = pattern.index("]", i + 1)
-            out.append("[" + pattern[i + 1:j].replace("\\", "\\\\") + "]")
+            out.append("[" + pattern[i + 1 : j].replace("\\", "\\\\") + "]")
             i = j + 1
         else:
             out.append(re.escape(c))
@@ -197,9 +199,11 @@ def expand_inputs(uris: list[str], extensions: tuple[str, ...] = DATA_EXTENSIONS
             else:
                 infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
                 found = sorted(
-                    i.path for i in infos
-                    if i.type == pafs.FileType.File and i.path.endswith(extensions)
-                    and not any(part.startswith(("_", ".")) for part in i.path[len(path):].split("/"))
+                    i.path
+                    for i in infos
+                    if i.type == pafs.FileType.File
+                    and i.path.endswith(extensions)
+                    and not any(part.startswith(("_", ".")) for part in i.path[len(path) :].split("/"))
                 )
         if not found:
             raise FileNotFoundError(f"input {uri}: matched no {'/'.join(extensions)} files")

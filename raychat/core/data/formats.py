@@ -28,8 +28,9 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Literal
 
 from raychat.core.data.schema import Conversation, InvalidRow
 
@@ -93,7 +94,9 @@ class SourceRules:
         if name not in self.sources:
             if not self.sources:
                 return name, self.fallback
-            raise InvalidRow("unknown_source", f"source {name!r} is not in the configured sources {sorted(self.sources)}")
+            raise InvalidRow(
+                "unknown_source", f"source {name!r} is not in the configured sources {sorted(self.sources)}"
+            )
         return name, self.sources[name]
 
 
@@ -132,7 +135,9 @@ def _turns(obj: dict, fmt: str) -> tuple[list[tuple[str, str, float | None]], st
             raise InvalidRow("invalid_field", f"{where}: expected an object, got {type(t).__name__}")
         role_raw = t.get(role_key)
         if not isinstance(role_raw, str):
-            raise InvalidRow("missing_field" if role_raw is None else "invalid_field", f"{where}.{role_key}: expected a string")
+            raise InvalidRow(
+                "missing_field" if role_raw is None else "invalid_field", f"{where}.{role_key}: expected a string"
+            )
         role = ROLE_MAP.get(role_raw.strip().lower())
         if role is None:
             raise InvalidRow("unknown_role", f"{where}.{role_key}: {role_raw!r} (known: {sorted(ROLE_MAP)})")
@@ -199,11 +204,13 @@ def normalize(
     if kind == "openchat" and isinstance(obj.get("condition"), str) and obj["condition"]:
         condition = obj["condition"]
     # One validation call per row (pydantic-core validates the nested items in Rust).
-    return Conversation.model_validate({
-        "items": [{"role": r, "content": t, "weight": spec.weight if w is None else w} for r, t, w in merged],
-        "condition": condition,
-        "system": system,
-    }), source
+    return Conversation.model_validate(
+        {
+            "items": [{"role": r, "content": t, "weight": spec.weight if w is None else w} for r, t, w in merged],
+            "condition": condition,
+            "system": system,
+        }
+    ), source
 
 
 def content_hash(conv: Conversation) -> bytes:

@@ -114,9 +114,7 @@ def detect_format(head: bytes) -> str:
     return "json_array" if head.lstrip(b" \t\r\n")[:1] == b"[" else "jsonl"
 
 
-def iter_records(
-    stream: BinaryIO, chunk_size: int = 1 << 20, max_record_bytes: int = 64 << 20
-) -> Iterator[RawRecord]:
+def iter_records(stream: BinaryIO, chunk_size: int = 1 << 20, max_record_bytes: int = 64 << 20) -> Iterator[RawRecord]:
     """Yields every record of a JSONL file or a JSON-array file, streamed in chunks.
 
     Args:
@@ -359,9 +357,9 @@ def _iter_array(buf: _Buffer, pos: int, max_record_bytes: int) -> Iterator[RawRe
                     pos += 1
                     if c == _QUOTE:
                         in_str = True
-                    elif c == _OPEN_BRACE or c == _OPEN_BRACKET:
+                    elif c in (_OPEN_BRACE, _OPEN_BRACKET):
                         depth += 1
-                    elif c == _CLOSE_BRACE or c == _CLOSE_BRACKET:
+                    elif c in (_CLOSE_BRACE, _CLOSE_BRACKET):
                         depth -= 1
                         if depth == 0:
                             break

@@ -11,19 +11,25 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from raychat.core.data.formats import Format, SameRolePolicy, SourceRules, content_hash, normalize
-from raychat.core.data.schema import Conversation, DroppedRow, InvalidRow
+from raychat.core.data.schema import Conversation, InvalidRow
 from raychat.core.data.tokenizer import ConversationTokenizer
 
 #: What the reader hands over: one raw record per row.
 RECORD_SCHEMA = pa.schema(
-    [("file", pa.string()), ("index", pa.int64()), ("text", pa.string()), ("error", pa.string()), ("detail", pa.string())]
+    [
+        ("file", pa.string()),
+        ("index", pa.int64()),
+        ("text", pa.string()),
+        ("error", pa.string()),
+        ("detail", pa.string()),
+    ]
 )
 
 #: What training reads. ``weights[t]`` weighs predicting ``input_ids[t]`` (unshifted).
@@ -155,7 +161,9 @@ def process_records(
         if policy.strict:
             raise StrictModeError(f"{files[i]} record {indices[i]}: {reason}: {detail}")
         stats.quarantined[reason] += 1
-        quarantined.append({"file": files[i], "index": int(indices[i]), "reason": reason, "detail": detail, "record": texts[i]})
+        quarantined.append(
+            {"file": files[i], "index": int(indices[i]), "reason": reason, "detail": detail, "record": texts[i]}
+        )
 
     kept: list[tuple[int, Conversation, str, str]] = []  # (position, conversation, source, id)
     for i, text in enumerate(texts):
@@ -228,7 +236,9 @@ class TokenizerPool:
     fits: int  # actors the nodes can hold at once
 
 
-def plan_tokenizer_pool(node_cpus: Sequence[float], threads: int, num_actors: int | None = None, reserved: float = 0.2) -> TokenizerPool:
+def plan_tokenizer_pool(
+    node_cpus: Sequence[float], threads: int, num_actors: int | None = None, reserved: float = 0.2
+) -> TokenizerPool:
     """Sizes the tokenizer actor pool from the CPUs of each node.
 
     An actor encodes each batch with ``threads`` Rust threads, while its own row logic (JSON,

@@ -81,8 +81,15 @@ def make_conversations(n: int, seed: int = 0, expert_fraction: float = 0.5) -> l
         if key in seen:
             continue
         seen.add(key)
-        rows.append({"id": f"sample-{i}", "model": "gpt4" if expert else "gpt35", "items": items,
-                     "condition": condition, "system": system})
+        rows.append(
+            {
+                "id": f"sample-{i}",
+                "model": "gpt4" if expert else "gpt35",
+                "items": items,
+                "condition": condition,
+                "system": system,
+            }
+        )
     if len(rows) < n:
         raise ValueError(f"could not make {n} distinct sample conversations")
     return rows

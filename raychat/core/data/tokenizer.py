@@ -10,15 +10,18 @@ import array
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from raychat.core.data.templates import ChatTemplate, Segment
 
-if TYPE_CHECKING:  # raychat.core.data.schema needs pydantic; tokenizing token ids (a GPU box: torch + transformers only) does not
+if (
+    TYPE_CHECKING
+):  # raychat.core.data.schema needs pydantic; tokenizing token ids (a GPU box: torch + transformers only) does not
     from raychat.core.data.schema import Conversation, DroppedRow
 
 EOT_TOKEN = "<|end_of_turn|>"
@@ -54,12 +57,11 @@ def embedded_tokenizer_file() -> Path:
     except ImportError:
         raise FileNotFoundError(
             "the embedded tokenizer needs the mistral-common package (pip install mistral-common), or "
-            "RAYCHAT_TOKENIZER_MODEL naming a copy of its data/tokenizer.model.v1") from None
+            "RAYCHAT_TOKENIZER_MODEL naming a copy of its data/tokenizer.model.v1"
+        ) from None
     path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: the installed mistral-common does not ship tokenizer.model.v1"
-        )
+        raise FileNotFoundError(f"{path} not found: the installed mistral-common does not ship tokenizer.model.v1")
     return path
 
 
@@ -311,7 +313,15 @@ class ConversationTokenizer:
         for segs in segment_lists:
             start = len(ids)
             for kind, text, weight in segs:
-                piece = next(encoded) if kind in _TEXT_KINDS else eot if kind == "eot" else bos if kind == "bos" else prefix(text)
+                piece = (
+                    next(encoded)
+                    if kind in _TEXT_KINDS
+                    else eot
+                    if kind == "eot"
+                    else bos
+                    if kind == "bos"
+                    else prefix(text)
+                )
                 ids += piece
                 run_w.append(weight)
                 run_len.append(len(piece))
@@ -359,13 +369,15 @@ class ConversationTokenizer:
             offsets=offsets,
             truncated=lengths[keep] > self.max_length,
             total_weight=np.add.reduceat(weights.astype(np.float64), starts) if len(starts) else np.zeros(0),
-            supervised=np.add.reduceat((weights != 0).astype(np.int64), starts) if len(starts) else np.zeros(0, np.int64),
+            supervised=np.add.reduceat((weights != 0).astype(np.int64), starts)
+            if len(starts)
+            else np.zeros(0, np.int64),
         )
 
     def _drop_reason(self, length: int) -> DroppedRow:
         from raychat.core.data.schema import DroppedRow
 
-        why = "after truncation to %d tokens" % self.max_length if length > self.max_length else "(all weights are 0)"
+        why = f"after truncation to {self.max_length} tokens" if length > self.max_length else "(all weights are 0)"
         return DroppedRow("no_supervised_tokens", f"no token with weight > 0 {why}")
 
     def conversation_segments(self, conv: Conversation) -> list[Segment]:

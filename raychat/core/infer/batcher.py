@@ -18,8 +18,8 @@ from __future__ import annotations
 import inspect
 import threading
 from collections import deque
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Hashable, Iterator, Sequence
 
 import torch
 
@@ -154,8 +154,15 @@ class ContinuousBatcher:
             so a burst of long prompts does not stall the running requests for long.
     """
 
-    def __init__(self, model, stop_ids: Sequence[int], pad_id: int, max_context: int, max_batch_size: int = 16,
-                 max_prefill_tokens: int = 8192):
+    def __init__(
+        self,
+        model,
+        stop_ids: Sequence[int],
+        pad_id: int,
+        max_context: int,
+        max_batch_size: int = 16,
+        max_prefill_tokens: int = 8192,
+    ):
         self.model = model.eval()
         self.stop_ids = set(stop_ids)
         self.pad_id = pad_id
@@ -251,21 +258,30 @@ class ContinuousBatcher:
         ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(new), width), dtype=torch.long)
         for i, (_, p, _) in enumerate(new):
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache()
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **{self._cache_arg: cache},
-                            use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        logits = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            **{self._cache_arg: cache},
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1, :]
         rows = []
         for rid, p, sp in new:
             gen = None
             if sp.seed is not None:
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(sp.seed)
-            rows.append(_Row(rid=rid, prompt_len=len(p), params=sp, gen=gen,
-                             budget=min(sp.max_tokens, self.max_context - len(p))))
+            rows.append(
+                _Row(
+                    rid=rid, prompt_len=len(p), params=sp, gen=gen, budget=min(sp.max_tokens, self.max_context - len(p))
+                )
+            )
         out, keep = self._sample(rows, logits)
         if keep:
             self._merge(rows, cache, mask, keep)
@@ -276,8 +292,14 @@ class ContinuousBatcher:
         feed = torch.tensor([[r.last_token] for r in self._rows], dtype=torch.long, device=self.device)
         pos = torch.tensor([[r.prompt_len + r.produced - 1] for r in self._rows], dtype=torch.long, device=self.device)
         self._mask = torch.cat([self._mask, torch.ones((n, 1), dtype=self._mask.dtype, device=self.device)], dim=1)
-        logits = self.model(input_ids=feed, attention_mask=self._mask, position_ids=pos,
-                            **{self._cache_arg: self._cache}, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        logits = self.model(
+            input_ids=feed,
+            attention_mask=self._mask,
+            position_ids=pos,
+            **{self._cache_arg: self._cache},
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1, :]
         out, keep = self._sample(self._rows, logits)
         if len(keep) < n:
             self._keep(keep)
@@ -342,7 +364,9 @@ class ContinuousBatcher:
                 layer.keys = layer.keys[..., first:, :]
                 layer.values = layer.values[..., first:, :]
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> Iterator[list[StepToken | None]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
+    ) -> Iterator[list[StepToken | None]]:
         """Convenience for a fixed set of prompts: yields per step one entry per prompt (None when
         that prompt produced nothing in the step). Runs on the calling thread.
 
@@ -376,7 +400,9 @@ class IncrementalDetokenizer:
         self.emitted = 0  # characters handed out so far
         # The Rust decoder gives the same text as transformers' decode, unless decode also cleans up spaces.
         rust = getattr(tokenizer, "_tokenizer", None)
-        self._rust = rust if rust is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False) else None
+        self._rust = (
+            rust if rust is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False) else None
+        )
         self._stream = None
         if self._rust is not None:
             try:
@@ -400,11 +426,11 @@ class IncrementalDetokenizer:
             delta = self._stream.step(self._rust, token_id) or ""
             self.emitted += len(delta)
             return delta
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset:])
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
         if full.endswith("\ufffd") or len(full) <= len(prefix):
             return ""
-        delta = full[len(prefix):]
+        delta = full[len(prefix) :]
         self.prefix_offset = max(self.read_offset - 4, self.prefix_offset)
         self.read_offset = len(self.ids)
         self.emitted += len(delta)
@@ -414,12 +440,12 @@ class IncrementalDetokenizer:
         """Whatever text remains at the end (including a trailing partial character)."""
         if self._stream is not None:
             full = self._decode(self.ids)
-            rest = full[self.emitted:] if len(full) > self.emitted else ""
+            rest = full[self.emitted :] if len(full) > self.emitted else ""
         else:
-            prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-            full = self._decode(self.ids[self.prefix_offset:])
+            prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+            full = self._decode(self.ids[self.prefix_offset :])
             self.read_offset = len(self.ids)
-            rest = full[len(prefix):] if len(full) > len(prefix) else ""
+            rest = full[len(prefix) :] if len(full) > len(prefix) else ""
         self.emitted += len(rest)
         return rest
 
@@ -446,7 +472,7 @@ class StopStringMatcher:
         hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
         if hits:
             self.stopped = True
-            out, self.pending = self.pending[:min(hits)], ""
+            out, self.pending = self.pending[: min(hits)], ""
             return out
         hold = 0
         for s in self.stops:  # longest suffix of pending that is a proper prefix of a stop string
@@ -454,8 +480,8 @@ class StopStringMatcher:
                 if self.pending.endswith(s[:k]):
                     hold = k
                     break
-        out = self.pending[:len(self.pending) - hold]
-        self.pending = self.pending[len(self.pending) - hold:]
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(self.pending) - hold :]
         return out
 
     def flush(self) -> str:

@@ -88,8 +88,9 @@ def resolve_checkpoint(uri: str, select: Select = "best") -> CheckpointRef:
         if not chosen:
             raise CheckpointError(f"{manifest_uri}: names no {select!r} checkpoint (no checkpoint was kept yet?)")
         e = _entry_for(manifest, chosen)
-        return CheckpointRef(uri=chosen, run=manifest.get("run", uri), selected=select, step=e.get("step"),
-                             eval_loss=e.get("eval_loss"))
+        return CheckpointRef(
+            uri=chosen, run=manifest.get("run", uri), selected=select, step=e.get("step"), eval_loss=e.get("eval_loss")
+        )
     if not storage.exists(uri):
         raise CheckpointError(f"{uri}: no such checkpoint or run directory")
     # An explicit checkpoint: its step from trainer_state.json, its eval loss from the run's manifest.
@@ -114,7 +115,7 @@ def serving_files(uri: str) -> dict[str, int]:
     for info in infos:
         if info.type != pafs.FileType.File:
             continue
-        rel = info.path[len(root):].lstrip("/")
+        rel = info.path[len(root) :].lstrip("/")
         if rel.startswith(_SKIP_DIRS) or rel.endswith(_SKIP_SUFFIXES) or rel.startswith("."):
             continue
         out[rel] = info.size

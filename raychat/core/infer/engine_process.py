@@ -22,9 +22,10 @@ import struct
 import subprocess
 import sys
 import threading
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Hashable, Sequence
+from typing import BinaryIO
 
 from raychat.core.infer.batcher import SamplingParams, StepToken, check_prompt
 
@@ -92,8 +93,11 @@ class ProcessBatcher:
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[1])  # the directory holding libs/
         env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
-        self._proc = subprocess.Popen([sys.executable, "-m", "raychat.core.infer.engine_process", str(cmd_r), str(ev_w)],
-                                      pass_fds=(cmd_r, ev_w), env=env)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "raychat.core.infer.engine_process", str(cmd_r), str(ev_w)],
+            pass_fds=(cmd_r, ev_w),
+            env=env,
+        )
         os.close(cmd_r)
         os.close(ev_w)
         self._cmd = os.fdopen(cmd_w, "wb")
@@ -182,9 +186,14 @@ def _child(cmd_fd: int, ev_fd: int) -> int:
     try:
         torch.set_num_threads(spec.torch_threads)
         model, _ = load_inference_model(spec.model_dir, getattr(torch, spec.dtype), spec.device, spec.pack_cpu_linears)
-        batcher = ContinuousBatcher(model, stop_ids=list(spec.stop_ids), pad_id=spec.pad_id,
-                                    max_context=spec.max_context, max_batch_size=spec.max_batch_size,
-                                    max_prefill_tokens=spec.max_prefill_tokens)
+        batcher = ContinuousBatcher(
+            model,
+            stop_ids=list(spec.stop_ids),
+            pad_id=spec.pad_id,
+            max_context=spec.max_context,
+            max_batch_size=spec.max_batch_size,
+            max_prefill_tokens=spec.max_prefill_tokens,
+        )
     except Exception as e:
         write_frame(events, ("failed", f"{type(e).__name__}: {e}"))
         return 1

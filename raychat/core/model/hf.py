@@ -39,7 +39,9 @@ def set_generation_stop(model, tokenizer) -> None:
     model.generation_config.bos_token_id = tokenizer.bos_token_id
 
 
-def create_embedded_base_model(dest: str | os.PathLike, seed: int = 0, build=None, name: str = EMBEDDED_MODEL_NAME) -> Path:
+def create_embedded_base_model(
+    dest: str | os.PathLike, seed: int = 0, build=None, name: str = EMBEDDED_MODEL_NAME
+) -> Path:
     """Writes a tiny random-init ``MistralForCausalLM`` + the embedded tokenizer to ``dest`` (HF format).
 
     ``build(vocab_size)`` makes another random-init model instead (the benchmarks' 0.85B one), saved
@@ -99,7 +101,9 @@ def add_missing_eot(model, tokenizer) -> bool:
     new = len(tokenizer)
     model.resize_token_embeddings(new, mean_resizing=False)
     with torch.no_grad():
-        for emb in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}.values():
+        for emb in {
+            id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+        }.values():
             emb.weight[old:new] = emb.weight[:old].mean(dim=0, keepdim=True)
     return True
 
@@ -110,7 +114,9 @@ def lora_model(model, r: int, alpha: float, dropout: float, target_modules: list
         from peft import LoraConfig, get_peft_model
     except ImportError as e:  # pragma: no cover - depends on the install
         raise SystemExit("--lora-r needs peft: pip install 'raychat[lora]'") from e
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
+    )
     return get_peft_model(model, config)
 
 
@@ -236,8 +242,13 @@ def pack_cpu_linears(model, min_weights: int = PACK_MIN_WEIGHTS) -> int:
     with torch.no_grad():
         for module in model.modules():
             w = getattr(module, "weight", None)
-            if (not isinstance(module, torch.nn.Linear) or w is None or w.device.type != "cpu"
-                    or w.dtype != torch.float32 or w.numel() < min_weights):
+            if (
+                not isinstance(module, torch.nn.Linear)
+                or w is None
+                or w.device.type != "cpu"
+                or w.dtype != torch.float32
+                or w.numel() < min_weights
+            ):
                 continue
             try:
                 packed = reorder(w.detach(), None)
@@ -262,7 +273,11 @@ class _PackedForward:
         import torch
 
         m = self.module
-        if (x.numel() == x.shape[-1] or x.dtype != torch.float32 or x.device.type != "cpu"
-                or (torch.is_grad_enabled() and x.requires_grad)):
+        if (
+            x.numel() == x.shape[-1]
+            or x.dtype != torch.float32
+            or x.device.type != "cpu"
+            or (torch.is_grad_enabled() and x.requires_grad)
+        ):
             return torch.nn.functional.linear(x, m.weight, m.bias)
         return self.linear(x, self.packed, m.bias, "none", [], "")

@@ -37,6 +37,7 @@ Packing and the forward pass (:func:`pack`, :func:`packed_forward`)
 
 from __future__ import annotations
 
+import itertools
 from bisect import bisect_left, insort
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -322,7 +323,9 @@ PACKED_SDPA_BACKENDS: tuple[str, ...] | None = ("FLASH_ATTENTION", "EFFICIENT_AT
 PACKED_VARLEN_FLASH: bool = True
 
 
-def varlen_flash_supported(device_type: str, dtype: torch.dtype, head_dim: int, capability: tuple[int, int] | None) -> bool:
+def varlen_flash_supported(
+    device_type: str, dtype: torch.dtype, head_dim: int, capability: tuple[int, int] | None
+) -> bool:
     """Whether PyTorch's flash kernel takes these inputs: CUDA, fp16/bf16, head_dim a multiple of 8
     up to 256, an Ampere or newer GPU (``capability`` ≥ (8, 0))."""
     return (
@@ -427,20 +430,26 @@ def packed_sdpa_attention(
     if query.shape[0] != 1:
         raise ValueError(f"a pack is one sequence (batch 1), got batch {query.shape[0]}")
     bounds = cu_seq_lens_q.tolist()
-    max_len = max(end - start for start, end in zip(bounds[:-1], bounds[1:]))
+    max_len = max(end - start for start, end in itertools.pairwise(bounds))
     if dropout == 0.0 and (sliding_window is None or max_len <= sliding_window) and _use_varlen_flash(query):
         cu = cu_seq_lens_k if cu_seq_lens_k is not None else cu_seq_lens_q
         return _varlen_flash_attention(query, key, value, cu, max_len, scaling), None
     outs = []
     with sdpa_backend_scope(query.device):  # the backward pass runs the kernel the forward chose
-        for start, end in zip(bounds[:-1], bounds[1:]):
+        for start, end in itertools.pairwise(bounds):
             length = end - start
             mask = None
             if sliding_window is not None and length > sliding_window:
                 mask = _row_window_mask(length, sliding_window, query.device)
             out, _ = sdpa_attention_forward(
-                module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], mask,
-                dropout=dropout, scaling=scaling, is_causal=True,
+                module,
+                query[:, :, start:end],
+                key[:, :, start:end],
+                value[:, :, start:end],
+                mask,
+                dropout=dropout,
+                scaling=scaling,
+                is_causal=True,
             )
             outs.append(out)
     return torch.cat(outs, dim=1), None
@@ -493,7 +502,9 @@ def packed_forward(model, packed: dict[str, torch.Tensor], logits_to_keep: torch
         # As positions (1-D), which every transformers 5.x takes; a [batch, seq] bool mask is
         # taken only by later 5.x releases (5.17 fails on it). A pack is one row, so they agree.
         if logits_to_keep.dim() != 2 or logits_to_keep.size(0) != 1 or logits_to_keep.dtype != torch.bool:
-            raise ValueError(f"logits_to_keep: a bool [1, T] mask; got {tuple(logits_to_keep.shape)} {logits_to_keep.dtype}")
+            raise ValueError(
+                f"logits_to_keep: a bool [1, T] mask; got {tuple(logits_to_keep.shape)} {logits_to_keep.dtype}"
+            )
         kwargs["logits_to_keep"] = host_to_device(logits_to_keep[0].nonzero().squeeze(1), device)
     impl = getattr(config, "_attn_implementation", None)
     if impl == PACKED_SDPA:
@@ -616,7 +627,10 @@ def row_keys(files: Sequence[str], indices: Sequence[int]) -> np.ndarray:
     import hashlib
 
     return np.fromiter(
-        (int.from_bytes(hashlib.blake2b(f"{f}\x00{i}".encode(), digest_size=8).digest(), "little") for f, i in zip(files, indices)),
+        (
+            int.from_bytes(hashlib.blake2b(f"{f}\x00{i}".encode(), digest_size=8).digest(), "little")
+            for f, i in zip(files, indices)
+        ),
         dtype=np.uint64,
         count=len(files),
     )
@@ -645,7 +659,9 @@ def group_packs(batches) -> Iterator[tuple[int, list, list]]:
                 if current is not None:
                     yield current, ids, ws
                 if m in seen:
-                    raise ValueError(f"micro-batch {m} appears twice in the stream: rows are not sorted by (micro, pos)")
+                    raise ValueError(
+                        f"micro-batch {m} appears twice in the stream: rows are not sorted by (micro, pos)"
+                    )
                 seen.add(m)
                 current, ids, ws = m, [], []
             ids.append(row_ids)

@@ -18,8 +18,9 @@ of Σ w·CE / Σ w over the global batch however tokens are split across ranks a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -53,7 +54,9 @@ class Engine(Protocol):
     def step(self) -> None: ...
 
 
-def collate(input_ids: Sequence[Sequence[int]], weights: Sequence[Sequence[float]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(
+    input_ids: Sequence[Sequence[int]], weights: Sequence[Sequence[float]], pad_id: int
+) -> dict[str, torch.Tensor]:
     """Right-pads a micro-batch; padding gets weight 0 and attention mask 0."""
     width = max(len(x) for x in input_ids)
     n = len(input_ids)
@@ -76,7 +79,9 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def openchat_auto_lr(batch_max_len: int, num_ranks: int, supervised_ratio: float, model_type: str, accum: int = 1) -> float:
+def openchat_auto_lr(
+    batch_max_len: int, num_ranks: int, supervised_ratio: float, model_type: str, accum: int = 1
+) -> float:
     """OpenChat's automatic learning rate: LLaMA's LR scaled by √(supervised tokens per step / 4M).
 
     ``lr = base · √(batch_max_len · ranks · accum · supervised_ratio / 4_000_000)`` with base 3e-4
@@ -135,7 +140,9 @@ def forward_packed_ce(model, packed: dict[str, torch.Tensor]) -> WeightedCE:
     head = inner.get_output_embeddings()
     if not _fusable_head(head, inner.config):
         logits = packed_forward(model, packed, logits_to_keep=keep)
-        return weighted_cross_entropy_at(logits.reshape(-1, logits.size(-1)), targets.to(logits.device), weights.to(logits.device))
+        return weighted_cross_entropy_at(
+            logits.reshape(-1, logits.size(-1)), targets.to(logits.device), weights.to(logits.device)
+        )
     # The model runs as usual (through the engine: its hooks, checkpointing) but with no position
     # kept, so its own head does no work; the final hidden states come from the decoder's output.
     captured: list[torch.Tensor] = []
@@ -195,8 +202,13 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def train_step(engine: Engine, packs: Sequence[dict[str, torch.Tensor]], world: int = 1,
-               all_reduce: AllReduce = _identity, gas_divides: bool = True) -> StepResult:
+def train_step(
+    engine: Engine,
+    packs: Sequence[dict[str, torch.Tensor]],
+    world: int = 1,
+    all_reduce: AllReduce = _identity,
+    gas_divides: bool = True,
+) -> StepResult:
     """One optimizer step over this rank's ``packs`` (one per accumulation micro-step).
 
     Σ w of the whole global batch is all-reduced *before* the first backward (the weights are in

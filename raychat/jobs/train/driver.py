@@ -28,7 +28,6 @@ The packed data feed (exact, deterministic per ``(seed, epoch)``, resumable, no 
    steps are skipped, so the run sees exactly the packs it would have seen without the stop.
 """
 
-
 from __future__ import annotations
 
 import contextlib
@@ -39,7 +38,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import ray
@@ -47,12 +46,12 @@ import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from raychat.jobs._ray import init_ray, log, setup_logging
 from raychat.core.common import storage
 from raychat.core.common.cli import parse_config
-from raychat.core.config import TrainConfig
 from raychat.core.common.report import format_table
+from raychat.core.config import TrainConfig
 from raychat.core.data.tokenizer import EOT_TOKEN
+from raychat.jobs._ray import init_ray, log, setup_logging
 
 BASE_MODEL_DIR = "base_model"
 TRAINER_STATE = "trainer_state.json"
@@ -100,9 +99,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model = lora_model(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     use_bf16 = cfg.bf16 if cfg.bf16 is not None else cfg.use_gpu
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=loop_config["learning_rate"], betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, use_bf16))
+    optimizer = torch.optim.AdamW(
+        params, lr=loop_config["learning_rate"], betas=(0.9, 0.95), weight_decay=cfg.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, use_bf16)
+    )
 
     state = {"step": 0, "epoch": 0, "plan": loop_config["plan_signature"], "history": [], "evals": []}
     resumed = ray.train.get_checkpoint()
@@ -112,8 +117,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             with open(os.path.join(d, TRAINER_STATE)) as f:
                 state = json.load(f)["state"]
         if state.get("plan") != loop_config["plan_signature"]:
-            raise RuntimeError(f"cannot resume: the checkpoint's data plan {state.get('plan')} differs from this run's "
-                               f"{loop_config['plan_signature']} (same data, workers, batch_max_len, grad_accum and seed are needed)")
+            raise RuntimeError(
+                f"cannot resume: the checkpoint's data plan {state.get('plan')} differs from this run's "
+                f"{loop_config['plan_signature']} (same data, workers, batch_max_len, grad_accum and seed are needed)"
+            )
         if rank == 0:
             log.info("resumed from step %d (epoch %d)", state["step"], state["epoch"])
 
@@ -129,8 +136,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     last = {"loss": float("nan")}
 
     def checkpoint() -> None:
-        metrics = {"step": state["step"], "epoch": state["epoch"], "loss": last["loss"],
-                   "tokens_per_s": tokens_seen / max(time.time() - t_start, 1e-6)}
+        metrics = {
+            "step": state["step"],
+            "epoch": state["epoch"],
+            "loss": last["loss"],
+            "tokens_per_s": tokens_seen / max(time.time() - t_start, 1e-6),
+        }
         if eval_shard is not None:
             metrics["eval_loss"] = _evaluate(engine, eval_shard, cfg.batch_max_len, all_reduce, state, rank)
             metrics_out.gauges({"eval_loss": metrics["eval_loss"]})
@@ -154,20 +165,39 @@ def train_loop_per_worker(loop_config: dict) -> None:
         state["step"] += 1
         while state["epoch"] < len(epoch_ends) and state["step"] >= epoch_ends[state["epoch"]]:
             state["epoch"] += 1
-        record = {"step": state["step"], "epoch": state["epoch"], **result.as_dict(),
-                  "lr": engine.lr_scheduler.get_last_lr()[0], "grad_norm": _grad_norm(engine),
-                  "tokens": result.tokens, "packing_efficiency": result.tokens / (world * accum * cfg.batch_max_len),
-                  "tokens_per_s": result.tokens / max(time.time() - t_step, 1e-6)}
+        record = {
+            "step": state["step"],
+            "epoch": state["epoch"],
+            **result.as_dict(),
+            "lr": engine.lr_scheduler.get_last_lr()[0],
+            "grad_norm": _grad_norm(engine),
+            "tokens": result.tokens,
+            "packing_efficiency": result.tokens / (world * accum * cfg.batch_max_len),
+            "tokens_per_s": result.tokens / max(time.time() - t_step, 1e-6),
+        }
         state["history"].append(record)
         last["loss"] = record["loss"]
         if state["step"] % cfg.log_every == 0 or state["step"] == 1:
             if rank == 0:
-                log.info("step %d/%d epoch %d loss %.4f acc %.3f lr %.2e grad norm %.3f packing %.4f tokens/s %.0f",
-                         state["step"], total_steps, state["epoch"], record["loss"], record["weighted_accuracy"], record["lr"],
-                         record["grad_norm"], record["packing_efficiency"], record["tokens_per_s"])
+                log.info(
+                    "step %d/%d epoch %d loss %.4f acc %.3f lr %.2e grad norm %.3f packing %.4f tokens/s %.0f",
+                    state["step"],
+                    total_steps,
+                    state["epoch"],
+                    record["loss"],
+                    record["weighted_accuracy"],
+                    record["lr"],
+                    record["grad_norm"],
+                    record["packing_efficiency"],
+                    record["tokens_per_s"],
+                )
             metrics_out.step(record)
         epoch_end = state["step"] in epoch_ends
-        if epoch_end or state["step"] == total_steps or (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0):
+        if (
+            epoch_end
+            or state["step"] == total_steps
+            or (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0)
+        ):
             checkpoint()
             checkpointed_at = state["step"]
         elif eval_shard is not None and cfg.eval_every and state["step"] % cfg.eval_every == 0:
@@ -227,9 +257,13 @@ class _MetricsSink:
 
 # Record keys → TRAIN_METRICS names (raychat/core/common/metric_specs.py, the one list the dashboards read).
 _GAUGE_OF = {
-    "loss": "raychat_train_loss", "eval_loss": "raychat_train_eval_loss", "lr": "raychat_train_learning_rate",
-    "grad_norm": "raychat_train_grad_norm", "tokens_per_s": "raychat_train_tokens_per_second",
-    "packing_efficiency": "raychat_train_packing_efficiency", "step": "raychat_train_step",
+    "loss": "raychat_train_loss",
+    "eval_loss": "raychat_train_eval_loss",
+    "lr": "raychat_train_learning_rate",
+    "grad_norm": "raychat_train_grad_norm",
+    "tokens_per_s": "raychat_train_tokens_per_second",
+    "packing_efficiency": "raychat_train_packing_efficiency",
+    "step": "raychat_train_step",
 }
 
 
@@ -289,15 +323,23 @@ def _save_and_report(engine, tokenizer, cfg: TrainConfig, rank: int, state: dict
     engine.save_checkpoint(os.path.join(tmp, TRAINING_STATE_DIR), tag=DS_TAG)
     params = list(engine.module.parameters())
     # ZeRO-3 shards parameters; gather them (collectively) so rank 0 can write a full model.
-    gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if cfg.zero_stage == 3 else contextlib.nullcontext()
+    gather = (
+        deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        if cfg.zero_stage == 3
+        else contextlib.nullcontext()
+    )
     with gather:
         if rank == 0:
             save_hf_model(engine.module, tokenizer, tmp)
             with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
                 json.dump({"metrics": metrics, "state": state}, f)
     mode = CheckpointUploadMode.ASYNC if cfg.async_checkpoint else CheckpointUploadMode.SYNC
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_upload_mode=mode,
-                     delete_local_checkpoint_after_upload=True)
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(tmp),
+        checkpoint_upload_mode=mode,
+        delete_local_checkpoint_after_upload=True,
+    )
 
 
 def _stage_base_model(cfg: TrainConfig, run_uri: str) -> str:
@@ -332,7 +374,9 @@ def check_data_matches_model(data_uri: str, base_uri: str) -> dict:
         raise SystemExit(f"--data {data_uri}: no parquet files (run raychat.jobs.pretokenize first)")
     raw = (pq.read_schema(files[0], filesystem=fs).metadata or {}).get(METADATA_KEY)
     if raw is None:
-        raise SystemExit(f"--data {data_uri}: no raychat metadata in the parquet schema; re-run raychat.jobs.pretokenize")
+        raise SystemExit(
+            f"--data {data_uri}: no raychat metadata in the parquet schema; re-run raychat.jobs.pretokenize"
+        )
     meta = json.loads(raw)
     with tempfile.TemporaryDirectory() as tmp:
         storage.download_files(base_uri, tmp, ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"])
@@ -350,8 +394,13 @@ def check_data_matches_model(data_uri: str, base_uri: str) -> dict:
 
 
 def _eval_flags(batch: dict, fraction: float) -> np.ndarray:
-    return np.array([int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little") / 2**64 < fraction
-                     for i in batch["id"]], dtype=bool)
+    return np.array(
+        [
+            int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little") / 2**64 < fraction
+            for i in batch["id"]
+        ],
+        dtype=bool,
+    )
 
 
 TRAIN_COLUMNS = ["file", "index", "length", "input_ids", "weights"]
@@ -388,8 +437,11 @@ def per_rank_eval(eval_ds, num_ranks: int) -> dict:
 def _row_meta(batch: dict) -> dict:
     from raychat.core.train.pack import row_keys
 
-    return {"key": row_keys(batch["file"], batch["index"]), "length": batch["length"].astype(np.int64),
-            "supervised": np.array([np.count_nonzero(w) for w in batch["weights"]], dtype=np.int64)}
+    return {
+        "key": row_keys(batch["file"], batch["index"]),
+        "length": batch["length"].astype(np.int64),
+        "supervised": np.array([np.count_nonzero(w) for w in batch["weights"]], dtype=np.int64),
+    }
 
 
 def collect_row_meta(train_ds) -> tuple[np.ndarray, np.ndarray, float]:
@@ -408,7 +460,9 @@ def collect_row_meta(train_ds) -> tuple[np.ndarray, np.ndarray, float]:
     order = np.argsort(keys_a, kind="stable")
     keys_a, lengths_a = keys_a[order], lengths_a[order]
     if keys_a.size and (np.diff(keys_a) == 0).any():
-        raise SystemExit("--data has two rows from the same source record (file, index): was one parquet directory written twice?")
+        raise SystemExit(
+            "--data has two rows from the same source record (file, index): was one parquet directory written twice?"
+        )
     return keys_a, lengths_a, supervised / max(int(lengths_a.sum()), 1)
 
 
@@ -432,8 +486,11 @@ def _tag_for_rank(tables_ref, rank: int, stride: int):
             sel = np.flatnonzero(t["rank"][e, idx] == rank)
             micro = t["micro"][e, idx[sel]]
             seq = micro * stride + t["pos"][e, idx[sel]]
-            parts.append(rows.take(pa.array(sel)).append_column("micro", pa.array(micro, pa.int64()))
-                         .append_column("seq", pa.array(seq, pa.int64())))
+            parts.append(
+                rows.take(pa.array(sel))
+                .append_column("micro", pa.array(micro, pa.int64()))
+                .append_column("seq", pa.array(seq, pa.int64()))
+            )
         return pa.concat_tables(parts)
 
     return tag
@@ -465,16 +522,27 @@ def per_rank_feeds(train_ds, keys: np.ndarray, plan, num_ranks: int, batch_max_l
     rows_per_rank = keys.size * plan.rank.shape[0] // max(num_ranks, 1)
     parts = max(1, min(200, rows_per_rank // 8192))
     boundaries = [k * micros // parts * stride for k in range(1, parts)] or [micros * stride]
-    return {f"train_{r}": train_ds.map_batches(_tag_for_rank(tables_ref, r, stride), batch_format="pyarrow")
-            .sort("seq", boundaries=boundaries) for r in range(num_ranks)}
+    return {
+        f"train_{r}": train_ds.map_batches(_tag_for_rank(tables_ref, r, stride), batch_format="pyarrow").sort(
+            "seq", boundaries=boundaries
+        )
+        for r in range(num_ranks)
+    }
 
 
 def write_manifest(result, cfg: TrainConfig, run_uri: str) -> dict:
     """``manifest.json``: every kept checkpoint with step and eval loss, plus ``best`` and ``latest``."""
     entries = []
     for ckpt, metrics in result.best_checkpoints:
-        entries.append({"uri": storage.display_uri(ckpt.filesystem, ckpt.path), "step": metrics.get("step"), "epoch": metrics.get("epoch"),
-                        "loss": metrics.get("loss"), "eval_loss": metrics.get("eval_loss")})
+        entries.append(
+            {
+                "uri": storage.display_uri(ckpt.filesystem, ckpt.path),
+                "step": metrics.get("step"),
+                "epoch": metrics.get("epoch"),
+                "loss": metrics.get("loss"),
+                "eval_loss": metrics.get("eval_loss"),
+            }
+        )
     entries.sort(key=lambda e: e["step"])
     latest = entries[-1]["uri"] if entries else None
     scored = [e for e in entries if e["eval_loss"] is not None and math.isfinite(e["eval_loss"])]
@@ -519,38 +587,66 @@ def run(cfg: TrainConfig) -> dict:
     rows = int(keys.size)
     eval_rows = eval_ds.count() if eval_ds is not None else 0
     if eval_ds is not None and eval_rows == 0:
-        log.warning("--eval-fraction %s selected no rows of this small dataset: training without eval", cfg.eval_fraction)
+        log.warning(
+            "--eval-fraction %s selected no rows of this small dataset: training without eval", cfg.eval_fraction
+        )
         eval_ds = None
     plan = plan_feed(lengths, cfg.batch_max_len, cfg.num_workers, cfg.seed, cfg.epochs, accum=cfg.grad_accum)
     if plan.too_long:
         log.warning("%d rows are longer than --batch-max-len %d and are left out", plan.too_long, cfg.batch_max_len)
     total_steps = plan.total_steps if not cfg.max_steps else min(plan.total_steps, cfg.max_steps)
     if total_steps == 0:
-        raise SystemExit(f"--data has {int(lengths.sum())} training tokens in {rows} rows: not enough for one step of "
-                         f"{cfg.num_workers} worker(s) × {cfg.grad_accum} pack(s) × --batch-max-len {cfg.batch_max_len}")
+        raise SystemExit(
+            f"--data has {int(lengths.sum())} training tokens in {rows} rows: not enough for one step of "
+            f"{cfg.num_workers} worker(s) × {cfg.grad_accum} pack(s) × --batch-max-len {cfg.batch_max_len}"
+        )
     lr = cfg.learning_rate
     if cfg.auto_lr:
-        lr = openchat_auto_lr(cfg.batch_max_len, cfg.num_workers, supervised_ratio, _model_type(base_uri), cfg.grad_accum)
+        lr = openchat_auto_lr(
+            cfg.batch_max_len, cfg.num_workers, supervised_ratio, _model_type(base_uri), cfg.grad_accum
+        )
         log.info("automatic learning rate %.3g (supervised share %.3f)", lr, supervised_ratio)
-    log.info("%d train + %d eval rows, %d worker(s), steps per epoch %s, %d steps, packing efficiency %s",
-             rows, eval_rows, cfg.num_workers, plan.steps_per_epoch, total_steps, [round(e, 4) for e in plan.efficiency])
+    log.info(
+        "%d train + %d eval rows, %d worker(s), steps per epoch %s, %d steps, packing efficiency %s",
+        rows,
+        eval_rows,
+        cfg.num_workers,
+        plan.steps_per_epoch,
+        total_steps,
+        [round(e, 4) for e in plan.efficiency],
+    )
 
     out_fs, out_path = storage.resolve(cfg.output)
     datasets = per_rank_feeds(train_ds, keys, plan, cfg.num_workers, cfg.batch_max_len)
     if eval_ds is not None:
         datasets |= per_rank_eval(eval_ds, cfg.num_workers)
     score = {"checkpoint_score_attribute": "eval_loss", "checkpoint_score_order": "min"} if eval_ds is not None else {}
-    signature = {"rows": rows, "num_workers": cfg.num_workers, "batch_max_len": cfg.batch_max_len,
-                 "grad_accum": cfg.grad_accum, "seed": cfg.seed}
+    signature = {
+        "rows": rows,
+        "num_workers": cfg.num_workers,
+        "batch_max_len": cfg.batch_max_len,
+        "grad_accum": cfg.grad_accum,
+        "seed": cfg.seed,
+    }
     epoch_ends = np.cumsum(plan.steps_per_epoch).tolist()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "base_model_uri": base_uri, "total_steps": total_steps,
-                           "epoch_ends": epoch_ends, "has_eval": eval_ds is not None, "learning_rate": lr,
-                           "plan_signature": signature},
+        train_loop_config={
+            "cfg": cfg.model_dump(),
+            "base_model_uri": base_uri,
+            "total_steps": total_steps,
+            "epoch_ends": epoch_ends,
+            "has_eval": eval_ds is not None,
+            "learning_rate": lr,
+            "plan_signature": signature,
+        },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker},
-                                     placement_strategy=cfg.placement_strategy),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
+            placement_strategy=cfg.placement_strategy,
+        ),
         run_config=RunConfig(
             name=cfg.name,
             storage_path=out_path,
@@ -565,9 +661,8 @@ def run(cfg: TrainConfig) -> dict:
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     manifest = write_manifest(result, cfg, run_uri)
-    with result.checkpoint.as_directory() as d:
-        with open(os.path.join(d, TRAINER_STATE)) as f:
-            final = json.load(f)
+    with result.checkpoint.as_directory() as d, open(os.path.join(d, TRAINER_STATE)) as f:
+        final = json.load(f)
     history = final["state"]["history"]
     return {
         "checkpoint": manifest["latest"],

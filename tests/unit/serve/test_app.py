@@ -27,7 +27,9 @@ def test_fixed_replicas_resources_and_autoscaling_overrides_come_from_the_config
     assert tuned["autoscaling_config"].upscale_delay_s == 3
 
 
-@pytest.mark.parametrize("bad", [{"min_replicas": 5, "max_replicas": 2}, {"max_batch_size": 64, "max_ongoing_requests": 32}])
+@pytest.mark.parametrize(
+    "bad", [{"min_replicas": 5, "max_replicas": 2}, {"max_batch_size": 64, "max_ongoing_requests": 32}]
+)
 def test_inconsistent_limits_are_rejected(bad):
     with pytest.raises(ValidationError):
         ServeConfig(checkpoint="/c", **bad)
@@ -41,8 +43,15 @@ def _deployments(app) -> dict:
 
 @pytest.mark.parametrize("layout", ["combined", "split"])
 def test_the_deployment_holding_the_engine_is_llmengine_with_the_limits_and_autoscaling(layout, tiny_model_dir):
-    cfg = {"checkpoint": str(tiny_model_dir), "allow_no_auth": True, "layout": layout, "max_ongoing_requests": 40,
-           "max_queued_requests": 7, "max_replicas": 3, "num_cpus": 2}
+    cfg = {
+        "checkpoint": str(tiny_model_dir),
+        "allow_no_auth": True,
+        "layout": layout,
+        "max_ongoing_requests": 40,
+        "max_queued_requests": 7,
+        "max_replicas": 3,
+        "num_cpus": 2,
+    }
     deployments = _deployments(build_app(cfg))
     assert set(deployments) == ({"LLMEngine"} if layout == "combined" else {"LLMEngine", "OpenAIRouter"})
     engine = deployments["LLMEngine"]
@@ -67,7 +76,9 @@ def test_combined_layout_lets_serve_pass_more_than_it_admits_so_the_app_answers_
 
 @pytest.mark.parametrize("layout", ["combined", "split"])
 def test_replaced_replicas_let_requests_run_to_their_timeout_not_servers_20_s(layout, tiny_model_dir):
-    app = build_app({"checkpoint": str(tiny_model_dir), "allow_no_auth": True, "layout": layout, "request_timeout_s": 300})
+    app = build_app(
+        {"checkpoint": str(tiny_model_dir), "allow_no_auth": True, "layout": layout, "request_timeout_s": 300}
+    )
     for d in _deployments(app).values():  # the engine and, in split, the router
         assert d._deployment_config.graceful_shutdown_timeout_s == 300 + SHUTDOWN_MARGIN_S
 

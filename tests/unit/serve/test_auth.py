@@ -19,8 +19,17 @@ def test_missing_secret_file_is_an_error(tmp_path):
         load_api_keys(None, tmp_path / "absent")
 
 
-@pytest.mark.parametrize("header,token", [("Bearer sk-1", "sk-1"), ("bearer  sk-1 ", "sk-1"), ("Basic abc", None),
-                                          ("Bearer ", None), (None, None), ("sk-1", None)])
+@pytest.mark.parametrize(
+    "header,token",
+    [
+        ("Bearer sk-1", "sk-1"),
+        ("bearer  sk-1 ", "sk-1"),
+        ("Basic abc", None),
+        ("Bearer ", None),
+        (None, None),
+        ("sk-1", None),
+    ],
+)
 def test_bearer_token_is_read_only_from_a_bearer_header(header, token):
     assert bearer_token(header) == token
 

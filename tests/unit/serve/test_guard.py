@@ -10,8 +10,9 @@ from raychat.serve.ingress import OpenAIGuard
 
 
 def test_rejected_requests_get_openai_429_and_leave_the_in_flight_count_alone():
-    state = SimpleNamespace(max_request_bytes=1 << 20, api_keys=None, max_generating=1, generating=0,
-                            retry_after_s=2, metrics=None)
+    state = SimpleNamespace(
+        max_request_bytes=1 << 20, api_keys=None, max_generating=1, generating=0, retry_after_s=2, metrics=None
+    )
     release = asyncio.Event()
 
     async def app(scope, receive, send):  # a generation that runs until released
@@ -30,8 +31,14 @@ def test_rejected_requests_get_openai_429_and_leave_the_in_flight_count_alone():
         async def send(message):
             sent.append(message)
 
-        scope = {"type": "http", "method": "POST", "path": path, "root_path": "", "headers": [],
-                 "app": SimpleNamespace(state=state)}
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": path,
+            "root_path": "",
+            "headers": [],
+            "app": SimpleNamespace(state=state),
+        }
         await guard(scope, receive, send)
         start = next(m for m in sent if m["type"] == "http.response.start")
         return start["status"], dict(start["headers"]), b"".join(m.get("body", b"") for m in sent[1:])

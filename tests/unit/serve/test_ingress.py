@@ -94,8 +94,8 @@ def _sse_writes(chat: bool, chunks: list) -> list[list[dict | str]]:
     """The SSE writes of one streamed choice whose engine stream gives ``chunks``, each parsed."""
     import json
 
-    from raychat.serve.protocol import EngineChunk
     from raychat.serve.ingress import OpenAIRouter
+    from raychat.serve.protocol import EngineChunk
 
     async def rest():
         for c in chunks[1:]:
@@ -107,8 +107,10 @@ def _sse_writes(chat: bool, chunks: list) -> list[list[dict | str]]:
 
     writes = asyncio.run(main())
     assert all(isinstance(c, EngineChunk) for c in chunks)
-    return [[e if e == "[DONE]" else json.loads(e) for e in (x.removeprefix("data: ") for x in w.split("\n\n")) if e]
-            for w in writes]
+    return [
+        [e if e == "[DONE]" else json.loads(e) for e in (x.removeprefix("data: ") for x in w.split("\n\n")) if e]
+        for w in writes
+    ]
 
 
 @pytest.mark.parametrize("chat", [True, False])

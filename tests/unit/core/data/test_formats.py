@@ -7,7 +7,10 @@ FALLBACK = SourceSpec("GPT4 Correct", 1.0)
 NO_SOURCES = SourceRules({}, None, (), None, FALLBACK)
 CRLFT = SourceRules(
     {"gpt4": SourceSpec("GPT4 Correct", 1.0), "gpt35": SourceSpec("GPT3", 0.1)},
-    "model", (("*/gpt35/*", "gpt35"),), None, FALLBACK,
+    "model",
+    (("*/gpt35/*", "gpt35"),),
+    None,
+    FALLBACK,
 )
 
 
@@ -16,7 +19,9 @@ def sharegpt(*turns, **extra):
 
 
 def test_sharegpt_roles_are_normalised_and_fallback_condition_applied():
-    conv, source = normalize(sharegpt(("human", "hi"), ("gpt", "hello"), ("human", "more"), ("chatgpt", "sure")), "f", NO_SOURCES)
+    conv, source = normalize(
+        sharegpt(("human", "hi"), ("gpt", "hello"), ("human", "more"), ("chatgpt", "sure")), "f", NO_SOURCES
+    )
     assert [m.role for m in conv.items] == ["user", "assistant", "user", "assistant"]
     assert conv.condition == "GPT4 Correct" and source == "default"
     assert [m.weight for m in conv.items if m.role == "assistant"] == [1.0, 1.0]
@@ -29,16 +34,26 @@ def test_odd_sharegpt_assistant_roles_map_to_assistant(role):
 
 
 def test_openai_messages_with_leading_system_and_text_parts():
-    obj = {"messages": [{"role": "system", "content": "Be brief."},
-                        {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]},
-                        {"role": "assistant", "content": "hello"}]}
+    obj = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]},
+            {"role": "assistant", "content": "hello"},
+        ]
+    }
     conv, _ = normalize(obj, "f", NO_SOURCES)
     assert conv.system == "Be brief." and conv.items[0].content == "hi there"
 
 
 def test_openchat_rows_keep_their_condition_and_per_message_weights():
-    obj = {"items": [{"role": "user", "content": "q", "weight": 0.0}, {"role": "assistant", "content": "a", "weight": 0.3}],
-           "condition": "GPT3", "model": "gpt4"}
+    obj = {
+        "items": [
+            {"role": "user", "content": "q", "weight": 0.0},
+            {"role": "assistant", "content": "a", "weight": 0.3},
+        ],
+        "condition": "GPT3",
+        "model": "gpt4",
+    }
     conv, source = normalize(obj, "f", CRLFT)
     assert conv.condition == "GPT3" and conv.items[1].weight == 0.3 and source == "gpt4"
 
@@ -70,22 +85,47 @@ def test_conversation_may_start_with_assistant():
     assert conv.items[0].role == "assistant"
 
 
-@pytest.mark.parametrize("obj, reason", [
-    ([1, 2], "not_an_object"),
-    ({"text": "hi"}, "unknown_format"),
-    ({"conversations": []}, "empty_conversation"),
-    ({"conversations": "hi"}, "invalid_field"),
-    (sharegpt(("human", "q"), ("gpt", "  ")), "empty_content"),
-    (sharegpt(("human", "q"), ("wizard", "a")), "unknown_role"),
-    (sharegpt(("human", "q")), "no_assistant_turn"),
-    (sharegpt(("human", "q"), ("gpt", "a"), ("system", "late")), "misplaced_system"),
-    ({"conversations": [{"from": "human", "value": 5}, {"from": "gpt", "value": "a"}]}, "invalid_field"),
-    ({"conversations": [{"from": "human"}, {"from": "gpt", "value": "a"}]}, "missing_field"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}, {"role": "assistant", "content": "a"}]}, "unsupported_content"),
-    ({"items": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": -1}]}, "invalid_field"),
-    ({"items": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": float("nan")}]}, "invalid_field"),
-    ({"items": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": float("inf")}]}, "invalid_field"),
-])
+@pytest.mark.parametrize(
+    "obj, reason",
+    [
+        ([1, 2], "not_an_object"),
+        ({"text": "hi"}, "unknown_format"),
+        ({"conversations": []}, "empty_conversation"),
+        ({"conversations": "hi"}, "invalid_field"),
+        (sharegpt(("human", "q"), ("gpt", "  ")), "empty_content"),
+        (sharegpt(("human", "q"), ("wizard", "a")), "unknown_role"),
+        (sharegpt(("human", "q")), "no_assistant_turn"),
+        (sharegpt(("human", "q"), ("gpt", "a"), ("system", "late")), "misplaced_system"),
+        ({"conversations": [{"from": "human", "value": 5}, {"from": "gpt", "value": "a"}]}, "invalid_field"),
+        ({"conversations": [{"from": "human"}, {"from": "gpt", "value": "a"}]}, "missing_field"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}, {"role": "assistant", "content": "a"}]},
+            "unsupported_content",
+        ),
+        (
+            {"items": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": -1}]},
+            "invalid_field",
+        ),
+        (
+            {
+                "items": [
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a", "weight": float("nan")},
+                ]
+            },
+            "invalid_field",
+        ),
+        (
+            {
+                "items": [
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a", "weight": float("inf")},
+                ]
+            },
+            "invalid_field",
+        ),
+    ],
+)
 def test_bad_rows_are_rejected_with_countable_reason(obj, reason):
     with pytest.raises(InvalidRow) as e:
         normalize(obj, "f", NO_SOURCES)
@@ -100,6 +140,8 @@ def test_forced_format_rejects_rows_of_another_format():
 
 def test_content_hash_ignores_format_but_not_content():
     a, _ = normalize(sharegpt(("human", "q"), ("gpt", "a")), "f", NO_SOURCES)
-    b, _ = normalize({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "g", NO_SOURCES)
+    b, _ = normalize(
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "g", NO_SOURCES
+    )
     c, _ = normalize(sharegpt(("human", "q"), ("gpt", "b")), "f", NO_SOURCES)
     assert content_hash(a) == content_hash(b) != content_hash(c)

@@ -20,7 +20,7 @@ TRICKY_ARRAY = (
     b'      {"from": "gpt", "value": "C:\\\\path\\\\ \\\\\\" ends\\\\"}\n    ]\n  },\n'
     b'  {"id": "\\u00e9\\u4e2d \\ud83d\\ude00 \\"]", "conversations": [], "n": [1, [2, {"x": "}"}]]},\n'
     b'  "a plain string with ] and } and , and \\\\",\n'
-    b"  -12.5e3,\n  true,\n  null,\n  [[], {}, [\"[\"]],\n"
+    b'  -12.5e3,\n  true,\n  null,\n  [[], {}, ["["]],\n'
     b'  {"utf8": "caf\xc3\xa9 \xe4\xb8\xad \xf0\x9f\x98\x80"}\n]\n'
 )
 TRICKY_VALUES = [

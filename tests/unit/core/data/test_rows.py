@@ -8,8 +8,13 @@ from raychat.core.data.sample import BAD_ROWS, sample_jsonl
 from raychat.core.data.templates import get_template
 from raychat.core.data.tokenizer import ConversationTokenizer
 
-RULES = SourceRules({"gpt4": SourceSpec("GPT4 Correct", 1.0), "gpt35": SourceSpec("GPT3", 0.1)}, "model", (),
-                    None, SourceSpec("GPT4 Correct", 1.0))
+RULES = SourceRules(
+    {"gpt4": SourceSpec("GPT4 Correct", 1.0), "gpt35": SourceSpec("GPT3", 0.1)},
+    "model",
+    (),
+    None,
+    SourceSpec("GPT4 Correct", 1.0),
+)
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +22,10 @@ def ct(tokenizer):
     return ConversationTokenizer(tokenizer, get_template("openchat_3.5"), max_length=256)
 
 
-def run(ct, texts, policy=RowPolicy(RULES), errors=None, claim=None, file="f.jsonl"):
+DEFAULT_POLICY = RowPolicy(RULES)
+
+
+def run(ct, texts, policy=DEFAULT_POLICY, errors=None, claim=None, file="f.jsonl"):
     n = len(texts)
     return process_records([file] * n, list(range(n)), texts, errors or [None] * n, [None] * n, ct, policy, claim)
 
@@ -44,7 +52,7 @@ def test_quarantine_keeps_original_record_file_index_and_reason(ct):
 
 
 def test_reader_errors_are_quarantined_with_their_reason(ct):
-    res = run(ct, ["[{\"conversations\": [", sharegpt("q", "a")], errors=["truncated", None])
+    res = run(ct, ['[{"conversations": [', sharegpt("q", "a")], errors=["truncated", None])
     assert res.stats.quarantined == {"truncated": 1} and res.stats.written == 1
 
 
@@ -83,8 +91,11 @@ def test_rows_without_supervised_tokens_after_truncation_are_dropped(tokenizer):
 
 def test_strict_fails_on_first_bad_row_naming_file_index_reason(ct):
     with pytest.raises(StrictModeError, match=r"f.jsonl record 1: unknown_role"):
-        run(ct, [sharegpt("q", "a"), '{"conversations": [{"from": "wizard", "value": "x"}]}'],
-            policy=RowPolicy(RULES, strict=True))
+        run(
+            ct,
+            [sharegpt("q", "a"), '{"conversations": [{"from": "wizard", "value": "x"}]}'],
+            policy=RowPolicy(RULES, strict=True),
+        )
 
 
 def test_tokenizer_pool_uses_one_actor_per_thread_group_on_each_node():

@@ -33,5 +33,5 @@ def test_system_prompt_comes_first_with_eot_and_generation_prompt_last():
 
 
 def test_unknown_template_error_lists_known():
-    with pytest.raises(ValueError, match="openchat_3.5"):
+    with pytest.raises(ValueError, match=r"openchat_3\.5"):
         get_template("vicuna")

@@ -12,7 +12,11 @@ def ct(tokenizer):
 
 def conv(*turns, condition="GPT4 Correct", system=""):
     return Conversation.model_validate(
-        {"items": [{"role": r, "content": c, "weight": w} for r, c, w in turns], "condition": condition, "system": system}
+        {
+            "items": [{"role": r, "content": c, "weight": w} for r, c, w in turns],
+            "condition": condition,
+            "system": system,
+        }
     )
 
 
@@ -38,8 +42,13 @@ def test_ids_match_openchat_reference_segmentwise_tokenization(ct, sp):
     tc = ct.encode(conv(("user", "Hello there", 0.0), ("assistant", "Hi! How can I help?", 1.0)))
     eot = 32000
     reference = (
-        [1] + sp.encode("GPT4 Correct User:") + sp.encode("Hello there") + [eot]
-        + sp.encode("GPT4 Correct Assistant:") + sp.encode("Hi! How can I help?") + [eot]
+        [1]
+        + sp.encode("GPT4 Correct User:")
+        + sp.encode("Hello there")
+        + [eot]
+        + sp.encode("GPT4 Correct Assistant:")
+        + sp.encode("Hi! How can I help?")
+        + [eot]
     )
     assert tc.input_ids == reference
 
@@ -63,7 +72,9 @@ def test_user_typing_end_of_turn_gets_plain_text_tokens(ct):
 
 def test_truncates_to_max_length_and_trims_trailing_zero_weights(tokenizer):
     small = ConversationTokenizer(tokenizer, get_template("openchat_3.5"), max_length=20)
-    tc = small.encode(conv(("user", "q", 0.0), ("assistant", "one two three four five six seven eight nine ten eleven", 1.0)))
+    tc = small.encode(
+        conv(("user", "q", 0.0), ("assistant", "one two three four five six seven eight nine ten eleven", 1.0))
+    )
     assert tc.truncated and len(tc.input_ids) == 20
     tc2 = small.encode(conv(("user", "q", 0.0), ("assistant", "a", 1.0), ("user", "more words to be trimmed", 0.0)))
     assert tc2.weights[-1] > 0 and tc2.input_ids[-1] == 32000
@@ -79,7 +90,12 @@ def test_drops_row_with_no_supervised_token_after_truncation(tokenizer):
 def test_prompt_ends_with_open_assistant_prefix(ct, sp):
     ids = ct.encode_prompt([("user", "Hi")], condition=None, system="Be brief.")
     expected = (
-        [1] + sp.encode("Be brief.") + [32000] + sp.encode("GPT4 Correct User:") + sp.encode("Hi") + [32000]
+        [1]
+        + sp.encode("Be brief.")
+        + [32000]
+        + sp.encode("GPT4 Correct User:")
+        + sp.encode("Hi")
+        + [32000]
         + sp.encode("GPT4 Correct Assistant:")
     )
     assert ids == expected
@@ -124,9 +140,13 @@ def test_light_rust_encoder_matches_transformers_exactly(tokenizer):
     assert (light.bos_token_id, light.unk_token_id) == (tokenizer.bos_token_id, tokenizer.unk_token_id)
     assert tokenizer_fingerprint(light) == tokenizer_fingerprint(tokenizer)
     texts = ["Hello there", "say <|end_of_turn|> now", "héllo 😎\n\n  code()", ""]
-    assert light.encode_plain(texts) == tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    assert light.encode_control("GPT4 Correct User:<|end_of_turn|>") == tokenizer(
-        "GPT4 Correct User:<|end_of_turn|>", add_special_tokens=False)["input_ids"]
+    assert (
+        light.encode_plain(texts) == tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    )
+    assert (
+        light.encode_control("GPT4 Correct User:<|end_of_turn|>")
+        == tokenizer("GPT4 Correct User:<|end_of_turn|>", add_special_tokens=False)["input_ids"]
+    )
     t = get_template("openchat_3.5")
     c = conv(("user", "What is 2 + 3?", 0.0), ("assistant", "5", 1.0), system="Be brief.")
     assert ConversationTokenizer(light, t).encode(c) == ConversationTokenizer(tokenizer, t).encode(c)

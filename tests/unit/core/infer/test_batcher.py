@@ -89,8 +89,10 @@ def test_batched_greedy_equals_one_at_a_time_despite_left_padding(model_and_tok)
 def test_requests_joining_and_leaving_mid_batch_get_the_tokens_they_get_alone(model_and_tok):
     model, _ = model_and_tok
     b = batcher(model)
-    alone = {i: run_all(b, [p], [sp])[0][0] for i, (p, sp) in
-             enumerate(zip(PROMPTS, [GREEDY, SamplingParams(max_tokens=3, temperature=0), GREEDY]))}
+    alone = {
+        i: run_all(b, [p], [sp])[0][0]
+        for i, (p, sp) in enumerate(zip(PROMPTS, [GREEDY, SamplingParams(max_tokens=3, temperature=0), GREEDY]))
+    }
     outs, finish = {}, {}
     b.submit(0, PROMPTS[0], GREEDY)
     for _ in range(4):  # request 0 is decoding when 1 (short: leaves early) and then 2 join
@@ -139,7 +141,9 @@ def test_aborted_request_stops_and_the_others_are_unaffected(model_and_tok):
 def test_stop_token_ends_request_and_is_not_returned(model_and_tok):
     model, _ = model_and_tok
     first = run_all(batcher(model, stop_ids=()), [[1, 5, 6]], [SamplingParams(max_tokens=3, temperature=0)])[0][0]
-    out, finish = run_all(batcher(model, stop_ids=[first[1]]), [[1, 5, 6]], [SamplingParams(max_tokens=10, temperature=0)])
+    out, finish = run_all(
+        batcher(model, stop_ids=[first[1]]), [[1, 5, 6]], [SamplingParams(max_tokens=10, temperature=0)]
+    )
     assert out[0] == first[:1] and finish == ["stop"]
 
 
@@ -184,13 +188,16 @@ def test_detokenizer_keeps_spaces_between_words_of_a_long_text(tokenizer):
     assert "".join(d.push(i) for i in ids) + d.flush() == tokenizer.decode(ids)
 
 
-@pytest.mark.parametrize("pieces,stops,emitted,stopped", [
-    (["Hello wor", "ld! STO", "P now"], ["STOP"], "Hello world! ", True),  # spans pieces
-    (["abc", "de"], ["x"], "abcde", False),
-    (["one two", " three"], ["three", "two"], "one ", True),  # the earliest stop wins
-    (["a##", "#b"], ["###"], "a", True),
-    (["end S"], ["STOP"], "end S", False),  # held back, then released at the end
-])
+@pytest.mark.parametrize(
+    "pieces,stops,emitted,stopped",
+    [
+        (["Hello wor", "ld! STO", "P now"], ["STOP"], "Hello world! ", True),  # spans pieces
+        (["abc", "de"], ["x"], "abcde", False),
+        (["one two", " three"], ["three", "two"], "one ", True),  # the earliest stop wins
+        (["a##", "#b"], ["###"], "a", True),
+        (["end S"], ["STOP"], "end S", False),  # held back, then released at the end
+    ],
+)
 def test_stop_strings_are_cut_even_across_pieces(pieces, stops, emitted, stopped):
     m = StopStringMatcher(stops)
     out = [m.push(p) for p in pieces]
@@ -259,7 +266,9 @@ def test_each_step_runs_inside_the_sdpa_kernel_scope_of_its_device(model_and_tok
     assert calls == [1, 2]  # each forward inside the scope of its own step
 
 
-@pytest.mark.parametrize("text", ["héllo 😎 wörld", "The quick brown fox jumps over the lazy dog.", "  two  spaces\nand 中文字符"])
+@pytest.mark.parametrize(
+    "text", ["héllo 😎 wörld", "The quick brown fox jumps over the lazy dog.", "  two  spaces\nand 中文字符"]
+)
 def test_detokenizer_paths_agree_with_one_decode(tokenizer, text):
     """DecodeStream (fast tokenizers), the Python window and a whole non-streamed text give decode()'s text."""
     import random

@@ -78,5 +78,5 @@ def test_pickle_only_checkpoint_is_refused(tiny_model_dir, tmp_path):
     pickled = tmp_path / "pickled"
     shutil.copytree(tiny_model_dir, pickled)
     (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors"):
         fetch_checkpoint(str(pickled), tmp_path / "cache")

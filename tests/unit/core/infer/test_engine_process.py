@@ -7,8 +7,8 @@ import signal
 
 import pytest
 
-from raychat.core.infer.engine_process import BatcherSpec, EngineProcessDied, ProcessBatcher
 from raychat.core.infer.batcher import ContinuousBatcher, SamplingParams
+from raychat.core.infer.engine_process import BatcherSpec, EngineProcessDied, ProcessBatcher
 from raychat.core.model.hf import load_causal_lm
 
 PROMPTS = [[1, 420, 6316, 28781], [1, 22557, 28747, 5, 6, 7, 8, 9, 10], [1, 99]]
@@ -16,8 +16,17 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0)
 
 
 def spec(model_dir, **kw) -> BatcherSpec:
-    base = dict(model_dir=str(model_dir), dtype="float32", device="cpu", stop_ids=(32000,), pad_id=32001,
-                max_context=256, max_batch_size=8, max_prefill_tokens=8192, torch_threads=1)
+    base = dict(
+        model_dir=str(model_dir),
+        dtype="float32",
+        device="cpu",
+        stop_ids=(32000,),
+        pad_id=32001,
+        max_context=256,
+        max_batch_size=8,
+        max_prefill_tokens=8192,
+        torch_threads=1,
+    )
     return BatcherSpec(**{**base, **kw})
 
 
@@ -75,7 +84,7 @@ def test_prompt_that_does_not_fit_is_refused_in_the_parent(child):
 
 
 def test_a_model_that_does_not_load_fails_the_constructor_with_the_childs_error(tmp_path):
-    with pytest.raises(EngineProcessDied, match="failed to start: .*"):
+    with pytest.raises(EngineProcessDied, match=r"failed to start: .*"):
         ProcessBatcher(spec(tmp_path / "missing"))
 
 
@@ -102,13 +111,22 @@ def test_the_child_exits_when_its_parent_is_killed(tiny_model_dir):
     import sys
     import time
 
-    parent = subprocess.Popen([sys.executable, "-c", (
-        "import os, sys, time\n"
-        "from raychat.core.infer.engine_process import ProcessBatcher\n"
-        "from tests.unit.core.infer.test_engine_process import spec\n"
-        f"b = ProcessBatcher(spec({str(tiny_model_dir)!r}))\n"
-        "print(b._proc.pid, flush=True)\n"
-        "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import os, sys, time\n"
+                "from raychat.core.infer.engine_process import ProcessBatcher\n"
+                "from tests.unit.core.infer.test_engine_process import spec\n"
+                f"b = ProcessBatcher(spec({str(tiny_model_dir)!r}))\n"
+                "print(b._proc.pid, flush=True)\n"
+                "time.sleep(600)\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     child = int(parent.stdout.readline())
     parent.kill()  # SIGKILL: no cleanup code runs in the parent
     parent.wait()

@@ -7,8 +7,8 @@ import tempfile
 import pytest
 import torch
 
-from raychat.core.model.hf import add_missing_eot, load_causal_lm, save_hf_model, tiny_mistral_config
 from raychat.core.data.tokenizer import EOT_TOKEN, RustEncoder, embedded_tokenizer_file, tokenizer_fingerprint
+from raychat.core.model.hf import add_missing_eot, load_causal_lm, save_hf_model, tiny_mistral_config
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +126,13 @@ def _compiled_vs_eager(tiny_model_dir, packs, prepare, compile_model, rtol, atol
             torch.testing.assert_close(a, b, rtol=rtol * 10, atol=atol)
 
 
-@pytest.mark.parametrize(("scope", "backend", "modules"), [
-    ("norms-mlps", "inductor", 2 * 3 + 1),  # per layer: 2 norms + MLP; the final norm
-    ("layers", "aot_eager", 2 + 1),  # both decoder layers (around the attention call); the final norm
-])
+@pytest.mark.parametrize(
+    ("scope", "backend", "modules"),
+    [
+        ("norms-mlps", "inductor", 2 * 3 + 1),  # per layer: 2 norms + MLP; the final norm
+        ("layers", "aot_eager", 2 + 1),  # both decoder layers (around the attention call); the final norm
+    ],
+)
 def test_compiled_blocks_train_like_eager_ones(tiny_model_dir, scope, backend, modules):
     """compile_blocks (TrainConfig.compile_blocks): same loss and gradients over two packs of
     different lengths (dynamic shapes). ``layers`` is traced by dynamo and autograd as on a GPU,
@@ -141,7 +144,9 @@ def test_compiled_blocks_train_like_eager_ones(tiny_model_dir, scope, backend, m
         compiled = model.model.layers[0] if scope == "layers" else model.model.layers[0].mlp
         assert compiled._compiled_call_impl is not None and model.model.norm._compiled_call_impl is not None
 
-    _compiled_vs_eager(tiny_model_dir, _random_packs((7, 12, 5), (30, 9)), lambda m: m, compile_model, rtol=1e-5, atol=1e-5)
+    _compiled_vs_eager(
+        tiny_model_dir, _random_packs((7, 12, 5), (30, 9)), lambda m: m, compile_model, rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize(("scope", "backend"), [("norms-mlps", "inductor"), ("layers", "aot_eager")])
@@ -165,8 +170,14 @@ def test_compiled_blocks_with_gradient_checkpointing_train_like_eager_ones(tiny_
         assert model.is_gradient_checkpointing
 
     # Eager: checkpointing only (prepare); compiled: compile first, then checkpointing, as the job does.
-    _compiled_vs_eager(tiny_model_dir, _random_packs((7, 12, 5), (30, 9)), lambda m: m.train(),
-                       compile_then_checkpoint, rtol=1e-5, atol=1e-5)
+    _compiled_vs_eager(
+        tiny_model_dir,
+        _random_packs((7, 12, 5), (30, 9)),
+        lambda m: m.train(),
+        compile_then_checkpoint,
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.gpu
@@ -175,8 +186,14 @@ def test_compiled_blocks_on_gpu_in_bf16_train_like_eager_ones(tiny_model_dir, sc
     """Inductor's Triton kernels for the compiled parts, varlen flash attention between them."""
     from raychat.core.model.hf import compile_blocks
 
-    _compiled_vs_eager(tiny_model_dir, _random_packs((70, 120, 50), (300, 90)), lambda m: m.cuda().to(torch.bfloat16),
-                       lambda m: compile_blocks(m, scope), rtol=1e-2, atol=5e-2)
+    _compiled_vs_eager(
+        tiny_model_dir,
+        _random_packs((70, 120, 50), (300, 90)),
+        lambda m: m.cuda().to(torch.bfloat16),
+        lambda m: compile_blocks(m, scope),
+        rtol=1e-2,
+        atol=5e-2,
+    )
 
 
 def test_packed_cpu_linears_decode_what_plain_ones_do(tiny_model_dir):
@@ -191,7 +208,9 @@ def test_packed_cpu_linears_decode_what_plain_ones_do(tiny_model_dir):
     hidden = torch.randn(16, 1, plain.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         for rows in (1, 4, 16):
-            torch.testing.assert_close(packed.lm_head(hidden[:rows]), plain.lm_head(hidden[:rows]), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                packed.lm_head(hidden[:rows]), plain.lm_head(hidden[:rows]), rtol=1e-5, atol=1e-5
+            )
     prompts = [[1, 420 + i, 6316, 28781 + i][: 2 + i % 3] for i in range(12)]
     outs = []
     for model in (plain, packed):
@@ -232,4 +251,6 @@ def test_pack_cpu_linears_leaves_small_and_non_float32_layers_alone(tiny_model_d
     assert pack_cpu_linears(model, min_weights=10**9) == 0
     bf16, _ = load_causal_lm(tiny_model_dir, dtype=torch.bfloat16)
     assert pack_cpu_linears(bf16) == 0
-    assert pack_cpu_linears(model, min_weights=1) == 1 + 2 * 7  # every linear: the head, q/k/v/o and the MLP's three per layer
+    assert (
+        pack_cpu_linears(model, min_weights=1) == 1 + 2 * 7
+    )  # every linear: the head, q/k/v/o and the MLP's three per layer

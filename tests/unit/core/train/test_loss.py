@@ -93,7 +93,9 @@ def test_fused_linear_ce_equals_logits_then_ce_with_gradients(chunk):
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
     with torch.no_grad():
-        torch.testing.assert_close(linear_weighted_cross_entropy(hidden, weight, targets, w, chunk).loss_sum, ref.loss_sum)
+        torch.testing.assert_close(
+            linear_weighted_cross_entropy(hidden, weight, targets, w, chunk).loss_sum, ref.loss_sum
+        )
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

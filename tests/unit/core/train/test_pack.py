@@ -506,15 +506,18 @@ def test_varlen_flash_gradients_match_per_row_sdpa(tiny_model_dir, monkeypatch):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=5e-2)
 
 
-@pytest.mark.parametrize(("device", "dtype", "head_dim", "capability", "ok"), [
-    ("cuda", torch.bfloat16, 128, (9, 0), True),  # H100 / H200
-    ("cuda", torch.float16, 64, (8, 0), True),  # A100
-    ("cuda", torch.float32, 128, (9, 0), False),  # fp32 training on a GPU: per-row SDPA
-    ("cuda", torch.bfloat16, 128, (7, 0), False),  # V100: no flash kernel
-    ("cuda", torch.bfloat16, 20, (9, 0), False),
-    ("cuda", torch.bfloat16, 512, (9, 0), False),
-    ("cpu", torch.bfloat16, 128, None, False),
-])
+@pytest.mark.parametrize(
+    ("device", "dtype", "head_dim", "capability", "ok"),
+    [
+        ("cuda", torch.bfloat16, 128, (9, 0), True),  # H100 / H200
+        ("cuda", torch.float16, 64, (8, 0), True),  # A100
+        ("cuda", torch.float32, 128, (9, 0), False),  # fp32 training on a GPU: per-row SDPA
+        ("cuda", torch.bfloat16, 128, (7, 0), False),  # V100: no flash kernel
+        ("cuda", torch.bfloat16, 20, (9, 0), False),
+        ("cuda", torch.bfloat16, 512, (9, 0), False),
+        ("cpu", torch.bfloat16, 128, None, False),
+    ],
+)
 def test_varlen_flash_only_where_the_flash_kernel_runs(device, dtype, head_dim, capability, ok):
     from raychat.core.train.pack import varlen_flash_supported
 

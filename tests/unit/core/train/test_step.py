@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -17,7 +18,7 @@ def test_collate_right_pads_with_zero_weight_and_mask():
 def test_lr_warms_up_then_decays_to_floor():
     lrs = [lr_multiplier(s, 10, 100, 0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
     assert lr_multiplier(100, 10, 100, 0.1) == pytest.approx(0.1)
 
 
@@ -147,7 +148,9 @@ def _loss_and_grads(model, step, packed):
 
 @pytest.mark.parametrize("pack_name", list(PACKS))
 @pytest.mark.parametrize(
-    "step", [_logits_only_where_weighted, _fused_head_where_weighted, _per_row_attention, _both], ids=lambda f: f.__name__.strip("_")
+    "step",
+    [_logits_only_where_weighted, _fused_head_where_weighted, _per_row_attention, _both],
+    ids=lambda f: f.__name__.strip("_"),
 )
 def test_optimised_packed_step_has_the_loss_and_gradients_of_the_unoptimised_one(step_model, step, pack_name):
     packed = _random_pack(*PACKS[pack_name], seed=len(pack_name))

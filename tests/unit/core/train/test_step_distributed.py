@@ -51,15 +51,25 @@ def _engine(model_dir, accum: int):
 
 
 def _snapshot(engine, result) -> dict:
-    return {"params": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
-            "loss": result.loss, "weight_sum": result.weight_sum, "tokens": result.tokens}
+    return {
+        "params": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
+        "loss": result.loss,
+        "weight_sum": result.weight_sum,
+        "tokens": result.tokens,
+    }
 
 
 def _worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
     from raychat.core.train.step import train_step
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
     def all_reduce(t):
@@ -96,8 +106,12 @@ def steps(tiny_model_dir, tmp_path_factory):
     parts = forward_packed_ce(model, _packs("all"))
     (parts.loss_sum / parts.weight_sum).backward()
     torch.optim.SGD(model.parameters(), lr=1.0).step()
-    union = {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
-             "loss": float(parts.loss_sum.detach() / parts.weight_sum), "weight_sum": float(parts.weight_sum), "tokens": 39}
+    union = {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "loss": float(parts.loss_sum.detach() / parts.weight_sum),
+        "weight_sum": float(parts.weight_sum),
+        "tokens": 39,
+    }
     return {**torch.load(out), "union": union, "base": base}
 
 
