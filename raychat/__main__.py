@@ -23,12 +23,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def module_of(command: str) -> str:
+    """The module ``ray job submit -- python -m …`` runs for ``command``."""
+    return COMMANDS[command][0].removesuffix(".__main__").removesuffix(".driver")
+
+
 def usage() -> str:
-    width = max(map(len, COMMANDS))
-    lines = ["usage: raychat <command> [options]   (raychat <command> --help for its options)", "", "commands:"]
+    name_w = max(map(len, COMMANDS))
+    help_w = max(len(h) for _, h in COMMANDS.values())
+    lines = ["usage: raychat <command> [options]      (raychat <command> --help lists its options)", "", "commands:"]
     lines += [
-        f"  {name:<{width}}  {help_}   [python -m {mod.removesuffix('.__main__').removesuffix('.driver')}]"
-        for name, (mod, help_) in COMMANDS.items()
+        f"  {name:<{name_w}}  {help_:<{help_w}}  python -m {module_of(name)}" for name, (_, help_) in COMMANDS.items()
     ]
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import importlib.util
 import re
 import shlex
 import shutil
@@ -265,6 +266,7 @@ def test_rayjob_commands_parse_with_the_jobs_own_configs(rendered, overlay):
     for job in jobs:
         argv = [a.replace(IMAGE_HOME, f"{ROOT}/") for a in shlex.split(job["spec"]["entrypoint"])]
         assert argv[:2] == ["python", "-m"] and argv[2] in JOB_CONFIGS, argv
+        assert importlib.util.find_spec(argv[2]) is not None, f"{argv[2]}: no such module in the image's package"
         cfg = parse_config(JOB_CONFIGS[argv[2]], argv[3:])  # SystemExit on an unknown flag or a bad value
         assert all(str(getattr(cfg, f)).startswith("s3://") for f in ("output",)), job["metadata"]["name"]
         assert job["spec"]["activeDeadlineSeconds"] > 0
@@ -274,6 +276,19 @@ def test_rayjob_commands_parse_with_the_jobs_own_configs(rendered, overlay):
     pretok = find(rendered[overlay], "RayJob", "raychat-pretokenize")[0]["spec"]
     assert pretok["clusterSelector"] == {"ray.io/cluster": find(rendered[overlay], "RayCluster")[0]["metadata"]["name"]}
     assert "rayClusterSpec" not in pretok
+
+
+def test_the_image_copies_the_package_and_configs_and_imports_every_entry_point():
+    dockerfile = (ROOT / "cluster" / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY --chown=\S+ (\S+) \1$", dockerfile, re.M))
+    assert {"raychat", "configs", "cluster"} <= copied, copied
+    (imports,) = re.findall(r'python -c "import ([^;]+);', dockerfile)
+    modules = [m.strip() for m in imports.split(",")]
+    assert {"raychat.jobs.pretokenize", "raychat.jobs.train", "raychat.serve.app"} <= set(modules)
+    for module in modules:
+        assert importlib.util.find_spec(module) is not None, module
+    allowed = (ROOT / "cluster" / "Dockerfile.dockerignore").read_text().split()
+    assert {"!raychat/", "!configs/", "!cluster/"} <= set(allowed)
 
 
 def test_one_ray_version_in_pyproject_venv_dockerfile_and_manifests(rendered):
