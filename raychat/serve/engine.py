@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from raychat.core.config import ServeConfig
 from raychat.core.data.templates import get_template
 from raychat.core.data.tokenizer import ConversationTokenizer
-from raychat.core.infer.batcher import CompletionText, ContinuousBatcher, SamplingParams, TextDelta
+from raychat.core.infer.batcher import ContinuousBatcher, SamplingParams
 from raychat.core.infer.checkpoint_cache import CheckpointRef, fetch_checkpoint
 from raychat.core.infer.engine_process import BatcherSpec, EngineProcessDied, ProcessBatcher
+from raychat.core.infer.text import CompletionText, TextDelta
 from raychat.core.model.hf import load_inference_model
 from raychat.serve.protocol import EngineChunk, EngineRequest, error_body
 

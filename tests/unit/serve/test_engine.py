@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from raychat.core.infer.batcher import TextDelta
+from raychat.core.infer.text import TextDelta
 from raychat.serve.engine import _put_all, _Stream, stream_interval
 
 
