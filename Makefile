@@ -11,7 +11,7 @@ PIP_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 EXTRAS ?= dev
 comma := ,
 
-.PHONY: setup demo test lint format clean gpu-bundle gpu-serve-bundle
+.PHONY: setup demo test lint format docs clean gpu-bundle gpu-serve-bundle
 
 $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml $(CONSTRAINTS)
 	@echo "==> installing raychat[$(EXTRAS)] into $(VENV) ($(if $(CONSTRAINTS),constraints: $(CONSTRAINTS),no constraints))"
@@ -34,6 +34,9 @@ lint: setup  ## ruff: lint and formatting check (CI runs this)
 format: setup  ## ruff: fix what can be fixed and format
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+docs: setup  ## regenerate docs/reference/config.md from the pydantic configs (tests/unit/test_docs.py checks it)
+	$(PY) -m raychat.core.config_reference --output docs/reference/config.md
 
 gpu-bundle: setup  ## what benchmarks/gpu_session.sh needs on a GPU machine without mistral-common: .gpu/
 	mkdir -p .gpu

@@ -8,24 +8,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from raychat.core.common import storage
 from raychat.core.common.cli import parse_config
+from raychat.core.config import MakeSampleConfig
 from raychat.core.data.sample import BAD_ROWS, sample_jsonl
-
-
-class MakeSampleConfig(BaseModel):
-    """Write the built-in sample dataset."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    output: str = Field(description="Where to write the JSONL (local path, file:// or s3:// URI).")
-    rows: int = Field(default=200, gt=0, description="Valid conversations to write.")
-    bad_rows: bool = Field(
-        default=True, description=f"Also write {len(BAD_ROWS)} malformed rows (to see quarantine work)."
-    )
-    seed: int = Field(default=0, description="Random seed.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
