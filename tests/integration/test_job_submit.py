@@ -1,5 +1,5 @@
-"""The README's `ray job submit` path on a real head: `ray start --head` (token auth on, its own
-ports and temp dir), the README's pre-tokenize command word for word, SUCCEEDED, the output; and
+"""The documented `ray job submit` path on a real head: `ray start --head` (token auth on, its own
+ports and temp dir), docs/operations.md's pre-tokenize command word for word, SUCCEEDED, the output; and
 the names Ray's Prometheus exporter gives raychat's metrics (what cluster/grafana plots).
 
 The head is this module's own process group: it is stopped by signalling that group, never with
@@ -151,9 +151,13 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def readme_command(module: str) -> str:
-    """The README's local `ray job submit ... python -m <module> ... $PWD/...` command, continuation lines joined."""
-    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+DOCS_PAGE = ROOT / "docs" / "operations.md"
+
+
+def docs_command(module: str) -> str:
+    """docs/operations.md's local `ray job submit ... python -m <module> ... $PWD/...` command, continuation lines
+    joined."""
+    text = DOCS_PAGE.read_text().replace("\\\n", " ")
     (line,) = [
         ln
         for ln in text.splitlines()
@@ -162,7 +166,7 @@ def readme_command(module: str) -> str:
     return line
 
 
-def test_readme_ray_job_submit_runs_pretokenize_to_succeeded(ray_head, tmp_path):
+def test_documented_ray_job_submit_runs_pretokenize_to_succeeded(ray_head, tmp_path):
     env = ray_head.env | {"RAY_API_SERVER_ADDRESS": ray_head.dashboard}
     subprocess.run(
         [str(BIN / "python"), "-m", "raychat.jobs.make_sample", "--output", f"{tmp_path}/runs/sample.jsonl"],
@@ -171,7 +175,7 @@ def test_readme_ray_job_submit_runs_pretokenize_to_succeeded(ray_head, tmp_path)
         check=True,
         timeout=120,
     )
-    command = readme_command("raychat.jobs.pretokenize").replace("$PWD", str(tmp_path))
+    command = docs_command("raychat.jobs.pretokenize").replace("$PWD", str(tmp_path))
     argv = shlex.split(command)
     argv[0] = str(BIN / "ray")
     result = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
