@@ -30,7 +30,8 @@ from raychat.core.infer.checkpoint_cache import CheckpointRef, fetch_checkpoint
 from raychat.core.infer.engine_process import BatcherSpec, EngineProcessDied, ProcessBatcher
 from raychat.core.infer.text import CompletionText, TextDelta
 from raychat.core.model.hf import load_inference_model
-from raychat.serve.protocol import EngineChunk, EngineRequest, error_body
+from raychat.serve.engine_protocol import EngineChunk, EngineRequest
+from raychat.serve.errors import error_body
 
 log = logging.getLogger("raychat.serve")
 

@@ -1,15 +1,17 @@
-"""The OpenAI HTTP protocol: request/response models and the error format (no Ray, no engine).
+"""The OpenAI HTTP protocol: request/response models (no Ray, no engine).
 
 Requests accept and ignore OpenAI fields raychat has no use for (``user``, ``response_format``…)
 but reject, naming the parameter, those whose meaning it cannot honour (``logprobs``, ``tools``,
 ``echo``, ``suffix``): a client silently getting something else is worse than a 400.
+
+The error format is :mod:`raychat.serve.errors`; what the router and the engine send each other is
+:mod:`raychat.serve.engine_protocol`.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -150,42 +152,6 @@ class CompletionRequest(_SamplingRequest):
         return list(p)
 
 
-class EngineRequest(BaseModel):
-    """What the router asks of the engine (transport between deployments).
-
-    Exactly one of ``messages`` (chat: rendered with the chat template) and ``prompt`` (text or
-    token ids, used as is) is set.
-    """
-
-    messages: list[tuple[str, str]] | None = None
-    system: str = ""
-    condition: str | None = None
-    prompt: str | list[int] | None = None
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stop: list[str] = Field(default_factory=list)
-    stream: bool = True  # False: the engine sends one chunk with the whole text
-
-
-@dataclass(slots=True)
-class EngineChunk:
-    """One piece from the engine; the last one carries ``finish_reason``.
-
-    A plain dataclass, not a pydantic model: one is built, pickled between replicas and read per
-    streamed chunk, where pydantic's validation and pickling cost shows at high concurrency.
-    """
-
-    text: str = ""
-    finish_reason: Literal["stop", "length"] | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: dict | None = None  # OpenAI error body for user errors (e.g. context length)
-
-
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -274,10 +240,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-def error_body(
-    message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
-) -> dict:
-    """An OpenAI-format error object (wrapped as ``{"error": ...}`` in responses)."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -1,134 +1,45 @@
-"""raychat.serve.ingress's request fan-out helpers (n choices), without Ray or HTTP."""
+"""raychat.serve.ingress: an OpenAI request becomes one engine request per choice (no Ray, no HTTP)."""
 
-from __future__ import annotations
-
-import asyncio
-
-import pytest
-
-from raychat.serve.ingress import _gather_or_cancel
+from raychat.serve.engine_protocol import EngineRequest
+from raychat.serve.ingress import choice_requests, to_engine_request
+from tests.unit.serve.test_protocol import req
 
 
-class FakeStream:
-    """A DeploymentResponseGenerator stand-in: generation goes on until cancelled."""
-
-    def __init__(self):
-        self.cancelled = False
-
-    def cancel(self):
-        self.cancelled = True
-
-
-def test_a_failing_choice_closes_the_streams_other_choices_had_opened():
-    opened, pending = FakeStream(), asyncio.Event()
-
-    async def opens():
-        return ("first chunk", opened)
-
-    async def never_opens():
-        await pending.wait()  # cancelled below
-        return ("never", FakeStream())
-
-    async def fails():
-        await asyncio.sleep(0.01)
-        raise RuntimeError("replica died")
-
-    async def main():
-        tasks = [opens(), never_opens(), fails()]
-        with pytest.raises(RuntimeError, match="replica died"):
-            await _gather_or_cancel(tasks)
-
-    asyncio.run(main())
-    assert opened.cancelled  # else its generation would run to max_tokens in a batch slot
+def test_system_and_developer_messages_become_the_system_prompt_in_order():
+    r = req(
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi"},
+            {"role": "developer", "content": "Use English."},
+        ]
+    )
+    e = to_engine_request(r)
+    assert e.system == "Be brief.\nUse English."
+    assert e.messages == [("user", "hi")]
 
 
-def test_a_deadline_closes_opened_local_streams_too():
-    closed = []
-
-    async def local_stream():
-        try:
-            yield "more"
-        finally:
-            closed.append(True)
-
-    async def main():
-        gen = local_stream()
-        await gen.__anext__()  # started, like an engine stream after its first chunk
-
-        async def opens():
-            return ("first chunk", gen)
-
-        async def slow():
-            await asyncio.sleep(10)
-
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.05):
-                await _gather_or_cancel([opens(), slow()])
-        assert closed == [True]  # closed by then, not later when the event loop shuts its generators down
-
-    asyncio.run(main())
+def test_text_parts_are_joined_into_the_message():
+    r = req(
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "you"}]}]
+    )
+    assert to_engine_request(r).messages == [("user", "Hello, you")]
 
 
-def test_all_results_in_order_when_every_choice_opens():
-    async def opens(i):
-        await asyncio.sleep(0.01 * (3 - i))
-        return (i, None)
-
-    assert asyncio.run(_gather_or_cancel([opens(i) for i in range(3)])) == [(0, None), (1, None), (2, None)]
-
-
-class _Req:
-    n, include_usage = 1, True
-
-
-class _Router:
-    """What OpenAIRouter._sse reads from its replica."""
-
-    model_id = "m"
-
-    class cfg:
-        request_timeout_s = 30.0
+def test_max_completion_tokens_is_an_alias_and_condition_and_sampling_pass_through():
+    e = to_engine_request(
+        req(max_completion_tokens=7, condition="GPT3", presence_penalty=0.5, frequency_penalty=-1, seed=3, stop="###")
+    )
+    assert (e.max_tokens, e.condition, e.presence_penalty, e.frequency_penalty, e.seed, e.stop) == (
+        7,
+        "GPT3",
+        0.5,
+        -1,
+        3,
+        ["###"],
+    )
 
 
-def _sse_writes(chat: bool, chunks: list) -> list[list[dict | str]]:
-    """The SSE writes of one streamed choice whose engine stream gives ``chunks``, each parsed."""
-    import json
-
-    from raychat.serve.ingress import OpenAIRouter
-    from raychat.serve.protocol import EngineChunk
-
-    async def rest():
-        for c in chunks[1:]:
-            yield c
-
-    async def main():
-        deadline = asyncio.get_running_loop().time() + 30
-        return [w async for w in OpenAIRouter._sse(_Router(), _Req(), [(chunks[0], rest())], chat, deadline)]
-
-    writes = asyncio.run(main())
-    assert all(isinstance(c, EngineChunk) for c in chunks)
-    return [
-        [e if e == "[DONE]" else json.loads(e) for e in (x.removeprefix("data: ") for x in w.split("\n\n")) if e]
-        for w in writes
-    ]
-
-
-@pytest.mark.parametrize("chat", [True, False])
-def test_a_stream_sends_its_role_with_the_first_text_and_usage_and_done_with_the_last(chat):
-    """One HTTP write per engine chunk: no write of its own for the role chunk, the usage or [DONE]."""
-    from raychat.serve.protocol import EngineChunk
-
-    chunks = [EngineChunk("Hel", None, 5, 1), EngineChunk("lo", None, 5, 2), EngineChunk("!", "stop", 5, 3)]
-    writes = _sse_writes(chat, chunks)
-    assert len(writes) == 3
-    text = (lambda e: e["choices"][0]["delta"].get("content")) if chat else (lambda e: e["choices"][0]["text"])
-    first = writes[0]
-    if chat:
-        assert first[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""} and text(first[1]) == "Hel"
-    else:
-        assert [text(e) for e in first] == ["Hel"]
-    assert [text(e) for e in writes[1]] == ["lo"]
-    *texts, usage, done = writes[2]
-    assert text(texts[0]) == "!" and texts[-1]["choices"][0]["finish_reason"] == "stop"
-    assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
-    assert done == "[DONE]"
+def test_n_choices_per_prompt_get_consecutive_seeds():
+    bases = [EngineRequest(prompt="a", seed=10), EngineRequest(prompt="b")]
+    out = choice_requests(bases, 2)
+    assert [(e.prompt, e.seed) for e in out] == [("a", 10), ("a", 11), ("b", None), ("b", None)]

@@ -1,48 +1,13 @@
 import pytest
 from pydantic import ValidationError
 
-from raychat.serve.ingress import choice_requests, to_engine_request
-from raychat.serve.protocol import ChatCompletionRequest, CompletionRequest, EngineRequest, error_body
+from raychat.serve.protocol import ChatCompletionRequest, CompletionRequest
 
 
 def req(**kw):
     base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     base.update(kw)
     return ChatCompletionRequest.model_validate(base)
-
-
-def test_system_and_developer_messages_become_the_system_prompt_in_order():
-    r = req(
-        messages=[
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "hi"},
-            {"role": "developer", "content": "Use English."},
-        ]
-    )
-    e = to_engine_request(r)
-    assert e.system == "Be brief.\nUse English."
-    assert e.messages == [("user", "hi")]
-
-
-def test_text_parts_are_joined_into_the_message():
-    r = req(
-        messages=[{"role": "user", "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "you"}]}]
-    )
-    assert to_engine_request(r).messages == [("user", "Hello, you")]
-
-
-def test_max_completion_tokens_is_an_alias_and_condition_and_sampling_pass_through():
-    e = to_engine_request(
-        req(max_completion_tokens=7, condition="GPT3", presence_penalty=0.5, frequency_penalty=-1, seed=3, stop="###")
-    )
-    assert (e.max_tokens, e.condition, e.presence_penalty, e.frequency_penalty, e.seed, e.stop) == (
-        7,
-        "GPT3",
-        0.5,
-        -1,
-        3,
-        ["###"],
-    )
 
 
 @pytest.mark.parametrize(
@@ -91,18 +56,6 @@ def test_completion_defaults_to_16_tokens_and_rejects_echo_and_best_of_above_n()
     for bad in ({"echo": True}, {"suffix": "x"}, {"logprobs": 2}, {"best_of": 3}, {"prompt": []}):
         with pytest.raises(ValidationError):
             CompletionRequest.model_validate({"model": "m", "prompt": "x", **bad})
-
-
-def test_n_choices_per_prompt_get_consecutive_seeds():
-    bases = [EngineRequest(prompt="a", seed=10), EngineRequest(prompt="b")]
-    out = choice_requests(bases, 2)
-    assert [(e.prompt, e.seed) for e in out] == [("a", 10), ("a", 11), ("b", None), ("b", None)]
-
-
-def test_error_body_is_openai_shaped():
-    assert error_body("x", param="p", code="c") == {
-        "error": {"message": "x", "type": "invalid_request_error", "param": "p", "code": "c"}
-    }
 
 
 def test_whole_answers_serialise_to_what_fastapis_generic_path_gave():
