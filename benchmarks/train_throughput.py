@@ -23,7 +23,7 @@ is ShareGPT's; ``--synthetic`` draws lengths from a log-normal fitted to it inst
 On CUDA it also reports model FLOPs utilisation: 6 · parameters · tokens/s (+ attention) over the
 GPU's peak (``--peak-tflops``, default 989 for H100/H200 bf16 dense), after ``--warmup-steps``
 untimed steps. ``--attention per-row``, ``--sdpa-backends torch`` and ``--compile`` switch the
-GPU-side choices measured in the README; ``--profile N`` prints the top operators of N steps.
+GPU-side choices measured in docs/performance/; ``--profile N`` prints the top operators of N steps.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The in-process baselines of benchmarks/serve_load.py (its README figures are ratios to them)."""
+"""The in-process baselines of benchmarks/serve_load.py (its figures in docs/performance/ are ratios to them)."""
 
 import sys
 from pathlib import Path

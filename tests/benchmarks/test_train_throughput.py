@@ -1,4 +1,4 @@
-"""The MFU arithmetic of benchmarks/train_throughput.py (the GPU figures in the README rest on it)."""
+"""The MFU arithmetic of benchmarks/train_throughput.py (the GPU figures in docs/performance/ rest on it)."""
 
 import sys
 from pathlib import Path

@@ -1,5 +1,5 @@
 """k8s/: every overlay, rendered as kustomize would, is valid against the KubeRay v1.7 CRDs and
-does what the README promises (GPU layout, autoscaling, no exposed Ray ports, token auth, secrets by
+does what docs/operations.md and k8s/README.md promise (GPU layout, autoscaling, no exposed Ray ports, token auth, secrets by
 reference, the real Serve builder, job commands that parse, one Ray version everywhere)."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def test_overlays_render_every_resource_labelled_with_the_stage_that_applies_it(
         ("RayService", "raychat-serve"): "serve",
     }
     for name, docs in rendered.items():
-        # `kubectl apply -k <overlay> -l raychat.io/stage=<stage>` applies one stage (README).
+        # `kubectl apply -k <overlay> -l raychat.io/stage=<stage>` applies one stage (docs/operations.md).
         assert {
             (d["kind"], d["metadata"]["name"]): d["metadata"]["labels"]["raychat.io/stage"] for d in docs
         } == expected, name

