@@ -94,7 +94,8 @@ class PretokenizeConfig(_Config):
         default=1,
         gt=0,
         description="Threads of each actor's Rust tokenizer; each actor reserves about this many CPUs. 1 (one actor "
-        "per CPU, so one actor's serial Python work overlaps another's encoding) was fastest measured.",
+        "per CPU, so one actor's serial Python work overlaps another's encoding) was fastest measured "
+        "(docs/performance/log/2026-11-22-data-sharegpt.md).",
     )
     rows_per_file: int = Field(
         default=8192, gt=0, description="Target rows per parquet shard (shards are written as rows stream in)."
@@ -166,8 +167,8 @@ class TrainConfig(_Config):
     compile_blocks: Literal["off", "norms-mlps", "layers"] = Field(
         default="off",
         description="torch.compile parts of the model for fused element-wise kernels: 'norms-mlps' (each RMSNorm and MLP) or 'layers' "
-        "(whole decoder layers but the attention kernel). On an H200, 0.85B Mistral, 16k-token steps: norms-mlps 203 ms, layers "
-        "182 ms (MFU 48.5%). Costs compile time at start; not with zero_stage 3.",
+        "(whole decoder layers but the attention kernel, so more fuses: the shorter steps on a GPU, see docs/performance/). "
+        "Costs compile time at start; not with zero_stage 3.",
     )
     learning_rate: float = Field(default=1e-5, gt=0, description="Peak AdamW learning rate (ignored with --auto-lr).")
     auto_lr: bool = Field(
@@ -318,8 +319,8 @@ class ServeConfig(_Config):
     cpu_packed_linears: bool = Field(
         default=True,
         description="On CPU, run every large float32 linear layer on a weight packed once for oneDNN "
-        "(raychat.core.model.hf.pack_cpu_linears): decode batches of 16 rows run ~1.5-3x faster per layer than "
-        "torch's MKL call on some CPUs; the packed layers' weights take twice their memory.",
+        "(raychat.core.model.cpu_linears.pack_cpu_linears) instead of torch's MKL call, which scales badly with rows on "
+        "some CPUs (measured: docs/performance/); the packed layers' weights take twice their memory.",
     )
     layout: Literal["combined", "split"] = Field(
         default="combined",
