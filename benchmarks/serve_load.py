@@ -1,9 +1,9 @@
 """Load benchmark of the OpenAI endpoint vs sequential in-process generation, in one run.
 
-    .venv/bin/python benchmarks/serve_load.py                       # tiny embedded model, CPU
-    .venv/bin/python benchmarks/serve_load.py --checkpoint s3://bucket/runs/crlft --num-gpus 1
-    python benchmarks/serve_load.py --model 1b --num-gpus 1 --arms combined      # a random-init 0.85B checkpoint, one GPU
-    python benchmarks/serve_load.py --engine-only --device cuda --model 1b   # a GPU machine without Ray
+    .venv/bin/python -m benchmarks.serve_load                       # tiny embedded model, CPU
+    .venv/bin/python -m benchmarks.serve_load --checkpoint s3://bucket/runs/crlft --num-gpus 1
+    python -m benchmarks.serve_load --model 1b --num-gpus 1 --arms combined      # a random-init 0.85B checkpoint, one GPU
+    python -m benchmarks.serve_load --engine-only --device cuda --model 1b   # a GPU machine without Ray
 
 1. In-process baselines: the same checkpoint loaded here, the same requests generated one after
    another, right before and right after each Serve run, each time twice: through raychat's
@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from raychat.core.model.attention import DEFAULT_KERNELS, KernelOptions
 
 QUESTIONS = [
     "What is 2 + 3?",
@@ -61,15 +61,22 @@ class Sequential:
 
     @classmethod
     def from_checkpoint(
-        cls, checkpoint: str, threads: int, device: str = "cpu", dtype=None, pack_linears: bool = True
+        cls,
+        checkpoint: str,
+        threads: int,
+        device: str = "cpu",
+        dtype=None,
+        pack_linears: bool = True,
+        kernels: KernelOptions = DEFAULT_KERNELS,
     ) -> Sequential:
         import torch
 
         from raychat.core.data.templates import get_template
         from raychat.core.data.tokenizer import ConversationTokenizer
         from raychat.core.infer.batcher import ContinuousBatcher
-        from raychat.core.infer.checkpoint_cache import fetch_checkpoint, resolve_checkpoint
+        from raychat.core.infer.checkpoint_cache import fetch_checkpoint
         from raychat.core.model.hf import load_inference_model
+        from raychat.core.run_dir import resolve_checkpoint
 
         torch.set_num_threads(threads)  # what the engine replica gets (Ray sets OMP_NUM_THREADS = num_cpus)
         local = fetch_checkpoint(resolve_checkpoint(checkpoint).uri, "/tmp/raychat/models")
@@ -83,12 +90,13 @@ class Sequential:
             pad_id=tok.pad_token_id or 0,
             max_context=int(model.config.max_position_embeddings),
             max_batch_size=1,
+            kernels=kernels,
         )
         return cls(b, lambda i: ct.encode_prompt([("user", QUESTIONS[i % len(QUESTIONS)])]))
 
     @classmethod
-    def synthetic(cls, model, prompt_len: int = 32) -> Sequential:
-        """A random-init model (``train_throughput.build_model``) and fixed random prompts: no stop token."""
+    def synthetic(cls, model, prompt_len: int = 32, kernels: KernelOptions = DEFAULT_KERNELS) -> Sequential:
+        """A random-init model (:func:`raychat.core.model.hf.build_model`) and fixed random prompts: no stop token."""
         import random
 
         from raychat.core.infer.batcher import ContinuousBatcher
@@ -99,7 +107,12 @@ class Sequential:
             for _ in range(len(QUESTIONS))
         ]
         b = ContinuousBatcher(
-            model, stop_ids=[], pad_id=0, max_context=int(model.config.max_position_embeddings), max_batch_size=1
+            model,
+            stop_ids=[],
+            pad_id=0,
+            max_context=int(model.config.max_position_embeddings),
+            max_batch_size=1,
+            kernels=kernels,
         )
         return cls(b, lambda i: prompts[i % len(prompts)])
 
@@ -242,13 +255,12 @@ ARMS = {
 
 def make_checkpoint(size: str, dest: Path, device: str) -> Path:
     """A random-init checkpoint with the embedded tokenizer: the tiny embedded model, or the 0.85B
-    Mistral of ``train_throughput.py`` (saved in bfloat16, as a real checkpoint of that size would be)."""
-    from raychat.core.model.hf import create_embedded_base_model
+    Mistral of :func:`raychat.core.model.hf.build_model` (saved in bfloat16, as a real checkpoint of that size would be)."""
+    from raychat.core.model.hf import build_model, create_embedded_base_model
 
     if size == "tiny":
         return create_embedded_base_model(dest)
     import torch
-    from train_throughput import build_model
 
     return create_embedded_base_model(
         dest,
@@ -268,22 +280,29 @@ def engine_only(args, levels: list[int]) -> int:
     handling, so it runs where Ray is not installed (a lent GPU machine)."""
     import torch
 
+    # --sdpa-backends torch: torch's own attention kernels (cuDNN included) for the engine's forward passes.
+    kernels = KernelOptions(sdpa_backends=None) if args.sdpa_backends == "torch" else DEFAULT_KERNELS
+
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     if args.checkpoint:
         seq = Sequential.from_checkpoint(
-            args.checkpoint, max(1, int(args.num_cpus)), args.device, dtype, pack_linears=args.cpu_linears == "packed"
+            args.checkpoint,
+            max(1, int(args.num_cpus)),
+            args.device,
+            dtype,
+            pack_linears=args.cpu_linears == "packed",
+            kernels=kernels,
         )
         what = args.checkpoint
     else:
-        from train_throughput import build_model
+        from raychat.core.model.cpu_linears import pack_cpu_linears
+        from raychat.core.model.hf import build_model
 
         torch.set_num_threads(max(1, int(args.num_cpus)))
-        from raychat.core.model.hf import pack_cpu_linears
-
         model = build_model(args.model, 32002, 4096, args.device, dtype, seed=0).eval()
         if args.cpu_linears == "packed":
             pack_cpu_linears(model)  # packs nothing on CUDA
-        seq = Sequential.synthetic(model)
+        seq = Sequential.synthetic(model, kernels=kernels)
         what = f"random-init {args.model} model, 32-token random prompts"
     n_params = sum(p.numel() for p in seq.b.model.parameters())
     print(
@@ -373,16 +392,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["raychat", "torch"],
         default="raychat",
         help="--engine-only on CUDA: attention kernels of the engine's forward passes: raychat's "
-        "(raychat.core.train.pack.PACKED_SDPA_BACKENDS, cuDNN left out: it plans anew for every sequence length) "
+        "(KernelOptions.sdpa_backends' default, cuDNN left out: it plans anew for every sequence length) "
         "or torch's own choice",
     )
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
     if args.engine_only:
-        if args.sdpa_backends == "torch":
-            import raychat.core.train.pack
-
-            raychat.core.train.pack.PACKED_SDPA_BACKENDS = None
         return engine_only(args, levels)
     arms = args.arms.split(",")
     if set(arms) - set(ARMS):

@@ -1,13 +1,13 @@
 """Training-step benchmark: raychat's padding-free packed C-RLFT step vs a padded HF ``Trainer``.
 
     .venv/bin/pip install -c cluster/constraints-cpu.txt -e '.[bench]'   # ShareGPT V3 + accelerate
-    .venv/bin/python benchmarks/train_throughput.py [--rows 1500] [--repeats 3]
-    # on a GPU machine (torch + transformers, no Ray or DeepSpeed needed):
-    python benchmarks/train_throughput.py --device cuda --model 1b --synthetic --no-baseline --compile norms-mlps
+    .venv/bin/python -m benchmarks.train_throughput [--rows 1500] [--repeats 3]
+    # on a GPU machine (torch + transformers, no Ray or DeepSpeed needed), from the repository root:
+    python -m benchmarks.train_throughput --device cuda --model 1b --synthetic --no-baseline --compile norms-mlps
 
 Side by side, in one run, on the same model, the same rows and the same cores (medians of --repeats):
 
-* **raychat**: rows packed by :func:`raychat.core.train.pack.plan_epoch` into ``--batch-max-len`` token budgets,
+* **raychat**: rows packed by :func:`raychat.core.train.plan.plan_epoch` into ``--batch-max-len`` token budgets,
   one padding-free sequence per step (:func:`raychat.core.train.pack.pack`), attention kept inside each row
   and the C-RLFT sums by :func:`raychat.core.train.step.forward_packed_ce` (what ``raychat.jobs.train`` runs), loss
   Σ w·CE / Σ w, AdamW;
@@ -33,28 +33,13 @@ import gc
 import statistics
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-
-@dataclass
-class Rows:
-    input_ids: list[list[int]]
-    weights: list[list[float]]
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.array([len(x) for x in self.input_ids])
-
-    @property
-    def supervised(self) -> int:
-        return int(sum(sum(1 for w in ws if w > 0) for ws in self.weights))
+from benchmarks.common import Rows, make_optimizer, sync, synthetic_rows
+from raychat.core.model.attention import KernelOptions
+from raychat.core.model.hf import build_model
 
 
 def sharegpt_rows(n: int, max_length: int) -> Rows:
@@ -106,73 +91,16 @@ def _take(batch, ct, policy, ids, weights, process_records) -> None:
     weights.extend(res.table.column("weights").to_pylist())
 
 
-def synthetic_rows(n: int, max_length: int, vocab: int, seed: int = 0) -> Rows:
-    """Log-normal lengths like ShareGPT V3's (median ≈ 1.1k tokens, long tail), clipped to ``max_length``."""
-    rng = np.random.default_rng(seed)
-    lengths = np.clip(rng.lognormal(mean=6.9, sigma=1.0, size=n).astype(int), 16, max_length)
-    ids, weights = [], []
-    for n_tok in lengths.tolist():
-        ids.append([1] + rng.integers(3, vocab, n_tok - 1).tolist())
-        half = n_tok // 3
-        weights.append([0.0] * half + [1.0] * (n_tok - half))
-    return Rows(ids, weights)
-
-
-def build_model(size: str, vocab: int, max_len: int, device: str, dtype: torch.dtype, seed: int, head_dim: int = 64):
-    from transformers import MistralConfig, MistralForCausalLM
-
-    from raychat.core.model.hf import tiny_mistral_config
-
-    if size == "tiny":
-        config = tiny_mistral_config(vocab_size=vocab, max_position_embeddings=max(2048, max_len))
-    else:  # 0.85B parameters (Mistral shape: hidden 2048, 16 layers, MLP 5632, GQA 4:1, 32k vocab).
-        # Heads of 64 (32 query / 8 key-value) or of 128 as in every Mistral release (16 / 4): the
-        # same weights and FLOPs either way, only the attention kernels' shapes differ.
-        heads = 2048 // head_dim
-        config = MistralConfig(
-            vocab_size=vocab,
-            hidden_size=2048,
-            intermediate_size=5632,
-            num_hidden_layers=16,
-            num_attention_heads=heads,
-            num_key_value_heads=heads // 4,
-            head_dim=head_dim,
-            max_position_embeddings=max(4096, max_len),
-            sliding_window=None,
-            tie_word_embeddings=False,
-        )
-    if device == "cuda":
-        config._attn_implementation = "flash_attention_2" if _has_flash_attn() else "sdpa"
-    torch.manual_seed(seed)
-    if device == "cpu":
-        return MistralForCausalLM(config).to(dtype=dtype)
-    with torch.device(device):  # initialise on the accelerator: a 1B model's init on the CPU takes seconds
-        return MistralForCausalLM(config).to(dtype=dtype)
-
-
-def make_optimizer(model, device: str) -> torch.optim.Optimizer:
-    """AdamW as the job configures it (β 0.9/0.95, wd 0.1); fused on CUDA, as DeepSpeed's FusedAdam is."""
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device == "cuda")
-
-
-def _has_flash_attn() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-
-        return True
-    except ImportError:
-        return False
-
-
 def run_packed(rows: Rows, args, seed: int) -> dict:
     """One epoch of raychat's packed step; returns tokens/s and packing figures."""
-    from raychat.core.train.pack import plan_epoch, use_packed_attention
+    from raychat.core.model.attention import use_packed_attention
+    from raychat.core.train.plan import plan_epoch
 
     dtype = getattr(torch, args.dtype)
     model = build_model(args.model, args.vocab, args.max_length, args.device, dtype, seed, args.head_dim)
     use_packed_attention(model)  # as raychat.jobs.train does: per-row attention unless flash/flex is in use
     if args.compile:
-        from raychat.core.model.hf import compile_blocks
+        from raychat.core.model.compile import compile_blocks
 
         compile_blocks(model, args.compile)
     model.train()
@@ -185,18 +113,18 @@ def run_packed(rows: Rows, args, seed: int) -> dict:
     if not steps:
         raise SystemExit(f"--warmup-steps {args.warmup_steps} leaves no step to time (epoch or --max-steps too short)")
     for idx in warm:
-        packed_step(model, opt, rows, idx)
+        packed_step(model, opt, rows, idx, args.kernels)
     if args.profile:
-        profile_steps(model, opt, rows, steps[: args.profile], args.device)
+        profile_steps(model, opt, rows, steps[: args.profile], args.device, args.kernels)
     lengths = rows.lengths.tolist()
     attn_len = attention_length([lengths[i] for idx in steps for i in idx])
-    _sync(args.device)
+    sync(args.device)
     t0 = time.perf_counter()
     for idx in steps:
-        packed = packed_step(model, opt, rows, idx)
+        packed = packed_step(model, opt, rows, idx, args.kernels)
         real += int(packed["input_ids"].numel())
         supervised += int((packed["weights"] > 0).sum())
-    _sync(args.device)
+    sync(args.device)
     wall = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
     matmul_params = n_params - model.get_input_embeddings().weight.numel()  # the input embedding is a lookup
@@ -218,13 +146,13 @@ def run_packed(rows: Rows, args, seed: int) -> dict:
     }
 
 
-def packed_step(model, opt, rows: Rows, idx: list[int]) -> dict:
+def packed_step(model, opt, rows: Rows, idx: list[int], kernels: KernelOptions) -> dict:
     """One optimizer step of raychat's packed C-RLFT step on rows ``idx``; returns the pack."""
     from raychat.core.train.pack import pack
     from raychat.core.train.step import forward_packed_ce
 
     packed = pack([rows.input_ids[i] for i in idx], [rows.weights[i] for i in idx])
-    parts = forward_packed_ce(model, packed)  # the job's packed forward + C-RLFT sums
+    parts = forward_packed_ce(model, packed, kernels)  # the job's packed forward + C-RLFT sums
     (parts.loss_sum / parts.weight_sum.clamp_min(1e-8)).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
@@ -232,17 +160,17 @@ def packed_step(model, opt, rows: Rows, idx: list[int]) -> dict:
     return packed
 
 
-def profile_steps(model, opt, rows: Rows, steps: list, device: str) -> None:
+def profile_steps(model, opt, rows: Rows, steps: list, device: str, kernels: KernelOptions) -> None:
     """Prints the operators that took the most time over ``steps`` (untimed, before the timed steps)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     with profile(activities=activities) as prof:
         for idx in steps:
-            packed_step(model, opt, rows, idx)
-        _sync(device)
+            packed_step(model, opt, rows, idx, kernels)
+        sync(device)
     print(f"  profile of {len(steps)} steps ({time.perf_counter() - t0:.2f}s with the profiler on):", flush=True)
     sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60), flush=True)
@@ -303,11 +231,11 @@ def run_trainer(rows: Rows, args, seed: int, used: list[int]) -> dict:
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
-            _sync(args.device)
+            sync(args.device)
             timer["t0"] = time.perf_counter()
 
         def on_train_end(self, *a, **k):
-            _sync(args.device)
+            sync(args.device)
             timer["t1"] = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as out:
@@ -351,11 +279,6 @@ def run_trainer(rows: Rows, args, seed: int, used: list[int]) -> dict:
     }
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def attention_length(row_lengths: list[int]) -> float:
     """Σℓᵢ² / Σℓᵢ: the row length an average token of packed rows attends over (see :func:`mfu`)."""
     return sum(n * n for n in row_lengths) / max(sum(row_lengths), 1)
@@ -374,6 +297,21 @@ def mfu(
     """
     flops_per_token = 6 * matmul_params + 12 * n_layers * hidden * attn_len
     return tokens_per_s * flops_per_token / (peak_tflops * 1e12)
+
+
+def kernel_options(args, ap: argparse.ArgumentParser) -> KernelOptions:
+    """The :class:`KernelOptions` of ``--sdpa-backends``, ``--attention`` and ``--ce``."""
+    backends = KernelOptions().sdpa_backends
+    if args.sdpa_backends != "raychat":
+        backends = None if args.sdpa_backends == "torch" else tuple(args.sdpa_backends.split(","))
+    try:
+        return KernelOptions(
+            sdpa_backends=backends,
+            varlen_flash=args.attention == "varlen",
+            compile_ce_chunks_on_cuda=args.ce == "compiled",
+        )
+    except ValueError as e:
+        ap.error(f"--sdpa-backends: {e}")
 
 
 def main() -> int:
@@ -417,20 +355,20 @@ def main() -> int:
     ap.add_argument(
         "--sdpa-backends",
         default="raychat",
-        help="CUDA attention kernels of the packed step: 'raychat' (raychat.core.train.pack.PACKED_SDPA_BACKENDS), "
+        help="CUDA attention kernels of the packed step: 'raychat' (KernelOptions.sdpa_backends' default), "
         "'torch' (torch's own choice, cuDNN included) or a comma list of SDPBackend names",
     )
     ap.add_argument(
         "--attention",
         choices=["varlen", "per-row"],
         default="varlen",
-        help="CUDA: all rows of a pack in one flash varlen call (raychat.core.train.pack.PACKED_VARLEN_FLASH, the default) or one SDPA call per row",
+        help="CUDA: all rows of a pack in one flash varlen call (KernelOptions.varlen_flash, the default) or one SDPA call per row",
     )
     ap.add_argument(
         "--compile",
         choices=["norms-mlps", "layers"],
         default=None,
-        help="torch.compile the norms and MLPs, or whole decoder layers but attention (raychat.core.model.hf.compile_blocks)",
+        help="torch.compile the norms and MLPs, or whole decoder layers but attention (raychat.core.model.compile.compile_blocks)",
     )
     ap.add_argument(
         "--profile", type=int, default=0, help="profile this many steps after the warm-up and print the top operators"
@@ -440,16 +378,7 @@ def main() -> int:
     )
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    import raychat.core.train.pack
-
-    if args.sdpa_backends != "raychat":
-        raychat.core.train.pack.PACKED_SDPA_BACKENDS = (
-            None if args.sdpa_backends == "torch" else tuple(args.sdpa_backends.split(","))
-        )
-    raychat.core.train.pack.PACKED_VARLEN_FLASH = args.attention == "varlen"
-    import raychat.core.train.loss
-
-    raychat.core.train.loss.COMPILE_CE_CHUNKS_ON_CUDA = args.ce == "compiled"
+    args.kernels = kernel_options(args, ap)
     if args.warmup_steps is None:
         args.warmup_steps = 2 if args.device == "cuda" else 0
     args.vocab = 32002
@@ -480,7 +409,7 @@ def main() -> int:
             f"({p['steps']} steps, {p['wall']:.1f}s, packing efficiency {p['efficiency']:.4f})"
         )
         if not args.no_baseline:
-            from raychat.core.train.pack import plan_epoch
+            from raychat.core.train.plan import plan_epoch
 
             used = sorted(i for s in plan_epoch(lens, args.batch_max_len, 1, seed=r, epoch=0).for_rank(0) for i in s)
             b = run_trainer(rows, args, seed=r, used=used)

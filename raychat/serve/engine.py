@@ -26,10 +26,12 @@ from raychat.core.config import ServeConfig
 from raychat.core.data.templates import get_template
 from raychat.core.data.tokenizer import ConversationTokenizer
 from raychat.core.infer.batcher import ContinuousBatcher, SamplingParams
-from raychat.core.infer.checkpoint_cache import CheckpointRef, fetch_checkpoint
+from raychat.core.infer.checkpoint_cache import fetch_checkpoint
 from raychat.core.infer.engine_process import BatcherSpec, EngineProcessDied, ProcessBatcher
 from raychat.core.infer.text import CompletionText, TextDelta
+from raychat.core.model.attention import KernelOptions
 from raychat.core.model.hf import load_inference_model
+from raychat.core.run_dir import CheckpointRef
 from raychat.serve.engine_protocol import EngineChunk, EngineRequest
 from raychat.serve.errors import error_body
 
@@ -115,6 +117,7 @@ class LLMEngine:
         self.vocab_size = int(model_config.vocab_size)
         stops = [self.ct.eot_id] + ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        kernels = KernelOptions()  # the CUDA attention kernels of prefill and decode (no config field: defaults)
         if self.cfg.engine_process:
             import torch
 
@@ -130,6 +133,7 @@ class LLMEngine:
                     max_prefill_tokens=self.cfg.max_prefill_tokens,
                     torch_threads=torch.get_num_threads(),
                     pack_cpu_linears=self.cfg.cpu_packed_linears,
+                    kernels=kernels,
                 )
             )
         else:
@@ -140,6 +144,7 @@ class LLMEngine:
                 max_context=self.max_context,
                 max_batch_size=self.cfg.max_batch_size,
                 max_prefill_tokens=self.cfg.max_prefill_tokens,
+                kernels=kernels,
             )
         self._dead: str | None = None  # why the engine process is gone (engine_process only)
         self.metrics = ServeMetrics(self.cfg.model_id or "")

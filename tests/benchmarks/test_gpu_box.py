@@ -81,7 +81,8 @@ def test_the_emulated_gpu_box_lacks_those_packages(gpu_box_env):
 def test_training_step_benchmark_runs_without_ray_deepspeed_or_pydantic(gpu_box_env):
     out = run(
         gpu_box_env,
-        "benchmarks/train_throughput.py",
+        "-m",
+        "benchmarks.train_throughput",
         "--synthetic",
         "--device",
         "cpu",
@@ -101,7 +102,8 @@ def test_training_step_benchmark_runs_without_ray_deepspeed_or_pydantic(gpu_box_
 def test_checkpoint_upload_benchmark_runs_without_ray_or_boto3(gpu_box_env, tmp_path):
     out = run(
         gpu_box_env,
-        "benchmarks/checkpoint_upload.py",
+        "-m",
+        "benchmarks.checkpoint_upload",
         "--device",
         "cpu",
         "--model",
@@ -121,7 +123,8 @@ def test_checkpoint_upload_benchmark_runs_without_ray_or_boto3(gpu_box_env, tmp_
 def test_engine_benchmark_runs_without_ray(gpu_box_env):
     out = run(
         gpu_box_env,
-        "benchmarks/serve_load.py",
+        "-m",
+        "benchmarks.serve_load",
         "--engine-only",
         "--model",
         "tiny",

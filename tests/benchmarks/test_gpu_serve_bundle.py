@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-import gpu_serve_bundle as b
+from benchmarks import gpu_serve_bundle as b
 
 
 def test_every_bundled_distribution_is_pinned_to_the_version_tested_here():

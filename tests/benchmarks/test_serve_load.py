@@ -1,11 +1,6 @@
 """The in-process baselines of benchmarks/serve_load.py (its figures in docs/performance/ are ratios to them)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-from serve_load import Sequential
+from benchmarks.serve_load import Sequential
 
 
 def test_generate_baseline_makes_the_same_tokens_as_the_engine_baseline(tiny_model_dir):

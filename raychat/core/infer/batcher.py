@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from raychat.core.model.attention import DEFAULT_KERNELS, KernelOptions, sdpa_backend_scope
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -152,6 +154,7 @@ class ContinuousBatcher:
         max_batch_size: most requests in the running batch; the rest wait.
         max_prefill_tokens: most prompt tokens prefilled in one step (at least one request always is),
             so a burst of long prompts does not stall the running requests for long.
+        kernels: the CUDA attention kernels of prefill and decode (its ``sdpa_backends``).
     """
 
     def __init__(
@@ -162,6 +165,7 @@ class ContinuousBatcher:
         max_context: int,
         max_batch_size: int = 16,
         max_prefill_tokens: int = 8192,
+        kernels: KernelOptions = DEFAULT_KERNELS,
     ):
         self.model = model.eval()
         self.stop_ids = set(stop_ids)
@@ -169,6 +173,7 @@ class ContinuousBatcher:
         self.max_context = max_context
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
+        self.kernels = kernels
         self.device = next(model.parameters()).device
         # transformers 5.x renames the forward's cache argument `past_key_values` -> `cache` (the old
         # name warns now and goes in 5.40): use whichever this model's forward takes.
@@ -216,14 +221,11 @@ class ContinuousBatcher:
         carries its ``finish_reason``. Each running request gets at most one token per step: a newly
         admitted one its first (from the prefill), the others their next (from the decode).
         """
-        from raychat.core.train.pack import sdpa_backend_scope
-
         self._drop_aborted()
         out: list[tuple[Hashable, StepToken]] = []
-        # The training step's SDPA kernels (no cuDNN: it plans anew for every sequence length, and
-        # a decode step's key length grows by one each time). H200, 0.85B bf16: sequential decoding
-        # 80 -> 108 tok/s, batches of 32 2507 -> 3252 tok/s.
-        with sdpa_backend_scope(self.device):
+        # The training step's SDPA kernels by default (no cuDNN: it plans anew for every sequence
+        # length, and a decode step's key length grows by one each time; docs/performance/serving.md).
+        with sdpa_backend_scope(self.device, self.kernels):
             if self._rows:
                 out += self._decode()
             out += self._admit()

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from raychat.core.infer.batcher import SamplingParams, StepToken, check_prompt
+from raychat.core.model.attention import DEFAULT_KERNELS, KernelOptions
 
 _HEADER = struct.Struct(">I")
 
@@ -63,7 +64,8 @@ class BatcherSpec:
     max_batch_size: int
     max_prefill_tokens: int
     torch_threads: int
-    pack_cpu_linears: bool = True  # raychat.core.model.hf.pack_cpu_linears on a CPU model
+    pack_cpu_linears: bool = True  # raychat.core.model.cpu_linears.pack_cpu_linears on a CPU model
+    kernels: KernelOptions = DEFAULT_KERNELS  # the CUDA attention kernels of the child's batcher
 
 
 class EngineProcessDied(RuntimeError):
@@ -193,6 +195,7 @@ def _child(cmd_fd: int, ev_fd: int) -> int:
             max_context=spec.max_context,
             max_batch_size=spec.max_batch_size,
             max_prefill_tokens=spec.max_prefill_tokens,
+            kernels=spec.kernels,
         )
     except Exception as e:
         write_frame(events, ("failed", f"{type(e).__name__}: {e}"))

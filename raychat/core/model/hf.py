@@ -1,4 +1,5 @@
-"""Model construction: the embedded tiny Mistral and loading real HF checkpoints."""
+"""Model construction and checkpoints: the embedded tiny Mistral, the benchmarks' 0.85B one, loading and
+saving HF models (LoRA merged on save)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 from pathlib import Path
 
 from raychat.core.data.tokenizer import EOT_TOKEN, build_embedded_tokenizer
+from raychat.core.model.cpu_linears import pack_cpu_linears
 
 EMBEDDED_MODEL_NAME = "raychat-tiny-mistral"
 
@@ -28,6 +30,59 @@ def tiny_mistral_config(vocab_size: int = 32002, max_position_embeddings: int = 
         eos_token_id=2,
         pad_token_id=32001,
     )
+
+
+def build_model(size: str, vocab: int, max_len: int, device: str, dtype, seed: int, head_dim: int = 64):
+    """A random-init ``MistralForCausalLM`` for the benchmarks: the tiny embedded shape or a 0.85B one.
+
+    Args:
+        size: ``tiny`` (:func:`tiny_mistral_config`) or ``1b`` (0.85B parameters, Mistral's shape:
+            hidden 2048, 16 layers, MLP 5632, GQA 4:1).
+        vocab: Vocabulary size.
+        max_len: Longest sequence it must take (``max_position_embeddings`` is at least this).
+        device: Where to initialise it (``cuda``: on the accelerator, and on flash-attention-2 when
+            ``flash_attn`` is installed, else SDPA).
+        dtype: The torch dtype of its weights.
+        seed: Seed of the random init.
+        head_dim: ``1b`` only: heads of 64 (32 query / 8 key-value) or of 128 as in every Mistral
+            release (16 / 4): the same weights and FLOPs either way, only the attention kernels'
+            shapes differ.
+    """
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    if size == "tiny":
+        config = tiny_mistral_config(vocab_size=vocab, max_position_embeddings=max(2048, max_len))
+    else:
+        heads = 2048 // head_dim
+        config = MistralConfig(
+            vocab_size=vocab,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=16,
+            num_attention_heads=heads,
+            num_key_value_heads=heads // 4,
+            head_dim=head_dim,
+            max_position_embeddings=max(4096, max_len),
+            sliding_window=None,
+            tie_word_embeddings=False,
+        )
+    if device == "cuda":
+        config._attn_implementation = "flash_attention_2" if _has_flash_attn() else "sdpa"
+    torch.manual_seed(seed)
+    if device == "cpu":
+        return MistralForCausalLM(config).to(dtype=dtype)
+    with torch.device(device):  # initialise on the accelerator: a 1B model's init on the CPU takes seconds
+        return MistralForCausalLM(config).to(dtype=dtype)
+
+
+def _has_flash_attn() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
 
 
 def set_generation_stop(model, tokenizer) -> None:
@@ -71,9 +126,10 @@ def load_causal_lm(path: str | os.PathLike, dtype=None):
 
 
 def load_inference_model(path: str | os.PathLike, dtype=None, device: str = "cpu", pack_linears: bool = True):
-    """:func:`load_causal_lm` for generation: in eval mode on ``device``, with :func:`pack_cpu_linears`
-    applied (it packs nothing off the CPU) unless ``pack_linears`` is False. What the serving engine
-    (in its replica or its child process) and the serving benchmark's baselines run."""
+    """:func:`load_causal_lm` for generation: in eval mode on ``device``, with
+    :func:`raychat.core.model.cpu_linears.pack_cpu_linears` applied (it packs nothing off the CPU)
+    unless ``pack_linears`` is False. What the serving engine (in its replica or its child process)
+    and the serving benchmark's baselines run."""
     model, tok = load_causal_lm(path, dtype=dtype)
     model.to(device).eval()
     if pack_linears:
@@ -150,134 +206,3 @@ def save_hf_model(model, tokenizer, directory: str | os.PathLike) -> None:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner.save_pretrained(directory, state_dict=merged_state_dict(model), safe_serialization=True)
     tokenizer.save_pretrained(directory)
-
-
-#: What :func:`compile_blocks` compiles: ``norms-mlps`` (each RMSNorm and MLP) or ``layers``
-#: (each whole decoder layer, the attention kernel call excepted, and the final norm).
-COMPILE_SCOPES = ("norms-mlps", "layers")
-
-
-def enable_activation_checkpointing(model) -> None:
-    """Activation (gradient) checkpointing of every decoder layer, non-reentrant (what DeepSpeed and
-    LoRA need). transformers 5.2x renamed ``gradient_checkpointing_enable`` (which now warns) to
-    ``activation_checkpointing_enable``; older 5.x releases (the lent GPU machine's 5.17) lack the new name."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def compile_blocks(model, scope: str = "norms-mlps", backend: str = "inductor") -> int:
-    """``torch.compile`` parts of a causal LM, in place; returns how many modules.
-
-    Their element-wise work (RMSNorm's casts and scaling, SwiGLU's ``silu(gate) * up``; with
-    ``layers`` also the rotary embedding, the head reshapes and the residual adds) becomes a few
-    fused kernels instead of one memory pass per operation; the matrix products stay cuBLAS calls.
-    Packed attention (:func:`raychat.core.train.pack.packed_sdpa_attention`) is never traced: it reads row
-    bounds on the host, so a compiled layer runs as a graph before it and one after it. Shapes are
-    compiled as dynamic: every pack has a length of its own. Parameter names do not change, so
-    state dicts and checkpoints are those of the plain model.
-    """
-    if scope not in COMPILE_SCOPES:
-        raise ValueError(f"compile scope {scope!r}: one of {COMPILE_SCOPES}")
-    n = 0
-    for module in model.modules():
-        name = type(module).__name__
-        if scope == "layers":
-            hit = name.endswith("DecoderLayer") or (name.endswith("RMSNorm") and module is _final_norm(model))
-        else:
-            hit = name.endswith("RMSNorm") or name.endswith("MLP")
-        if hit:
-            module.compile(dynamic=True, backend=backend)
-            n += 1
-    return n
-
-
-def _final_norm(model):
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    return getattr(decoder, "norm", None)
-
-
-#: Linear layers with at least this many weights get oneDNN-packed weights on CPU; below it MKL's
-#: plain call is as fast (break-even measured on a 2-core AMD EPYC: ~256k weights at 1-16 rows).
-PACK_MIN_WEIGHTS = 1 << 18
-
-
-def _packed_linear_op():
-    """oneDNN's linear over a pre-packed weight (what inductor's CPU weight freezing calls), or None."""
-    import torch
-
-    if not torch.backends.mkldnn.is_available():
-        return None
-    ops = torch.ops.mkldnn
-    try:
-        return ops._reorder_linear_weight, ops._linear_pointwise
-    except (AttributeError, RuntimeError):  # a build without these private ops
-        return None
-
-
-def pack_cpu_linears(model, min_weights: int = PACK_MIN_WEIGHTS) -> int:
-    """Inference on CPU: each large float32 ``nn.Linear`` runs on a weight pre-packed for oneDNN.
-
-    torch's CPU ``F.linear`` in float32 calls MKL's sgemm, which on the skinny products of decoding
-    (a few rows times a large weight) scales badly with the row count on some CPUs: on this
-    workplace's AMD EPYC, the tiny model's 64 × 32k output projection takes 0.20 ms for one row and
-    1.1-1.8 ms for 16, against 0.17 and 0.7 ms with the weight packed once into oneDNN's blocked
-    layout (a 2048 × 5632 MLP weight: 10.4 vs 5.0 ms at 16 rows). Batches of decoding rows are what
-    a serving engine runs, so they gain most. Same float32 arithmetic (results agree to ~1e-6
-    relative; only the summation order differs), checked against ``F.linear`` on each layer when
-    it is packed; a layer where that check fails, or a torch build without the ops, stays as is.
-
-    The packed copy sits beside the original weight (which tied embeddings and ``state_dict``
-    still use): the packed layers' weights take twice their memory. For inference only — the packed
-    forward has no backward. Returns how many layers were packed.
-    """
-    import torch
-
-    ops = _packed_linear_op()
-    if ops is None:
-        return 0
-    reorder, linear = ops
-    n = 0
-    with torch.no_grad():
-        for module in model.modules():
-            w = getattr(module, "weight", None)
-            if (
-                not isinstance(module, torch.nn.Linear)
-                or w is None
-                or w.device.type != "cpu"
-                or w.dtype != torch.float32
-                or w.numel() < min_weights
-            ):
-                continue
-            try:
-                packed = reorder(w.detach(), None)
-                probe = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(0))
-                got = linear(probe, packed, module.bias, "none", [], "")
-                ok = torch.allclose(got, torch.nn.functional.linear(probe, w, module.bias), rtol=1e-4, atol=1e-5)
-            except RuntimeError:
-                ok = False
-            if ok:
-                module.forward = _PackedForward(module, packed, linear)
-                n += 1
-    return n
-
-
-class _PackedForward:
-    """``forward`` of a packed ``nn.Linear``: oneDNN on the packed weight for float32 CPU input, else the plain one."""
-
-    def __init__(self, module, packed, linear):
-        self.module, self.packed, self.linear = module, packed, linear
-
-    def __call__(self, x):
-        import torch
-
-        m = self.module
-        if (
-            x.numel() == x.shape[-1]
-            or x.dtype != torch.float32
-            or x.device.type != "cpu"
-            or (torch.is_grad_enabled() and x.requires_grad)
-        ):
-            return torch.nn.functional.linear(x, m.weight, m.bias)
-        return self.linear(x, self.packed, m.bias, "none", [], "")

@@ -118,11 +118,6 @@ def _compiled_ce_chunk():
     return _COMPILED_CE_CHUNK
 
 
-#: Whether the fused cross-entropy compiles its per-chunk softmax and gradient on CUDA (the
-#: element-wise passes over each ``[chunk, vocab]`` block become a few fused kernels).
-COMPILE_CE_CHUNKS_ON_CUDA = True
-
-
 class _LinearWeightedCE(torch.autograd.Function):
     """Σ w·CE of ``hidden @ weight.T`` by row chunks, with its gradients worked out chunk by chunk.
 
@@ -188,12 +183,13 @@ def linear_weighted_cross_entropy(
         chunk: Rows per chunk. Default: 256 on the CPU (a chunk's logits stay in cache), 4096 on
             an accelerator (fewer, larger matrix products; 4096 × 32k × 4 bytes = 512 MB).
         compiled: Whether each chunk's softmax and gradient run through ``torch.compile``.
-            Default: on CUDA, per :data:`COMPILE_CE_CHUNKS_ON_CUDA`; eager elsewhere.
+            Default: compiled on CUDA, eager elsewhere (the training step passes
+            :attr:`raychat.core.model.attention.KernelOptions.compile_ce_chunks_on_cuda`).
     """
     if chunk is None:
         chunk = 256 if hidden.device.type == "cpu" else 4096
     if compiled is None:
-        compiled = hidden.device.type == "cuda" and COMPILE_CE_CHUNKS_ON_CUDA
+        compiled = hidden.device.type == "cuda"
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     loss_sum, correct = _LinearWeightedCE.apply(hidden, weight, targets, weights, chunk, with_grad, compiled)
     return WeightedCE(loss_sum, weights.float().sum().detach(), correct.detach())

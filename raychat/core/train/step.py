@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from raychat.core.model.attention import DEFAULT_KERNELS, KernelOptions, host_to_device
 from raychat.core.train.loss import (
     WeightedCE,
     crlft_loss,
@@ -32,7 +33,7 @@ from raychat.core.train.loss import (
     weighted_cross_entropy,
     weighted_cross_entropy_at,
 )
-from raychat.core.train.pack import host_to_device, packed_forward
+from raychat.core.train.pack import packed_forward
 
 if TYPE_CHECKING:  # pydantic is not needed to train a step: a GPU box may have torch and transformers only
     from raychat.core.config import TrainConfig
@@ -121,7 +122,7 @@ def forward_weighted_ce(model, batch: dict[str, torch.Tensor]) -> WeightedCE:
     return weighted_cross_entropy(out.logits, batch["input_ids"], batch["weights"])
 
 
-def forward_packed_ce(model, packed: dict[str, torch.Tensor]) -> WeightedCE:
+def forward_packed_ce(model, packed: dict[str, torch.Tensor], kernels: KernelOptions = DEFAULT_KERNELS) -> WeightedCE:
     """One forward pass over a pack from :func:`raychat.core.train.pack.pack` and its C-RLFT sums.
 
     Attention never crosses conversations (see :func:`raychat.core.train.pack.packed_forward`), and the sums
@@ -130,7 +131,8 @@ def forward_packed_ce(model, packed: dict[str, torch.Tensor]) -> WeightedCE:
     other position adds exactly 0 to the sums and their gradients. With a plain bias-free linear
     head they run fused, by chunks (:func:`raychat.core.train.loss.linear_weighted_cross_entropy`), so the
     ``[positions, vocab]`` logits are never held whole; otherwise (a ZeRO-3-partitioned or
-    adapter-wrapped head) through transformers' ``logits_to_keep``.
+    adapter-wrapped head) through transformers' ``logits_to_keep``. ``kernels`` is the CUDA kernel
+    choice of the attention and of the fused loss.
     """
     keep = loss_positions(packed["weights"])
     shifted = keep[:, :-1]  # position t predicts token t + 1
@@ -139,7 +141,7 @@ def forward_packed_ce(model, packed: dict[str, torch.Tensor]) -> WeightedCE:
     inner = getattr(model, "module", model)
     head = inner.get_output_embeddings()
     if not _fusable_head(head, inner.config):
-        logits = packed_forward(model, packed, logits_to_keep=keep)
+        logits = packed_forward(model, packed, logits_to_keep=keep, kernels=kernels)
         return weighted_cross_entropy_at(
             logits.reshape(-1, logits.size(-1)), targets.to(logits.device), weights.to(logits.device)
         )
@@ -148,7 +150,7 @@ def forward_packed_ce(model, packed: dict[str, torch.Tensor]) -> WeightedCE:
     captured: list[torch.Tensor] = []
     hook = inner.get_decoder().register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
     try:
-        packed_forward(model, packed, logits_to_keep=torch.zeros_like(keep))
+        packed_forward(model, packed, logits_to_keep=torch.zeros_like(keep), kernels=kernels)
     finally:
         hook.remove()
     (hidden,) = captured
@@ -157,7 +159,11 @@ def forward_packed_ce(model, packed: dict[str, torch.Tensor]) -> WeightedCE:
     # raychat.core.train.pack.pack): a boolean mask indexed on the GPU would wait for the whole forward pass.
     rows = host_to_device(keep[0].nonzero().squeeze(1), device)
     return linear_weighted_cross_entropy(
-        hidden[0].index_select(0, rows), head.weight, host_to_device(targets, device), host_to_device(weights, device)
+        hidden[0].index_select(0, rows),
+        head.weight,
+        host_to_device(targets, device),
+        host_to_device(weights, device),
+        compiled=device.type == "cuda" and kernels.compile_ce_chunks_on_cuda,
     )
 
 
@@ -208,6 +214,7 @@ def train_step(
     world: int = 1,
     all_reduce: AllReduce = _identity,
     gas_divides: bool = True,
+    kernels: KernelOptions = DEFAULT_KERNELS,
 ) -> StepResult:
     """One optimizer step over this rank's ``packs`` (one per accumulation micro-step).
 
@@ -223,6 +230,7 @@ def train_step(
         world: Data-parallel ranks.
         all_reduce: In-place sum over ranks (``torch.distributed.all_reduce``); identity alone.
         gas_divides: Whether ``engine.backward`` divides by the accumulation steps (DeepSpeed does).
+        kernels: The CUDA kernel choice of the forward pass and the loss.
     """
     device = getattr(engine, "device", None)
     accum = len(packs)
@@ -233,7 +241,7 @@ def train_step(
     loss_sum = correct = 0.0
     tokens = 0
     for packed in packs:
-        parts = forward_packed_ce(engine, packed)
+        parts = forward_packed_ce(engine, packed, kernels)
         engine.backward(crlft_loss(parts, global_w, scale))
         engine.step()
         loss_sum += float(parts.loss_sum.detach())
@@ -244,8 +252,8 @@ def train_step(
     return StepResult(float(stats[0]) / denom, float(stats[1]) / denom, global_w, int(stats[2]))
 
 
-def eval_sums(model, packed: dict[str, torch.Tensor]) -> tuple[float, float]:
+def eval_sums(model, packed: dict[str, torch.Tensor], kernels: KernelOptions = DEFAULT_KERNELS) -> tuple[float, float]:
     """``(Σ w·CE, Σ w)`` of a pack without gradients (combine across packs and ranks, then divide)."""
     with torch.no_grad():
-        parts = forward_packed_ce(model, packed)
+        parts = forward_packed_ce(model, packed, kernels)
     return float(parts.loss_sum), float(parts.weight_sum)

@@ -14,7 +14,7 @@ The packed data feed (exact, deterministic per ``(seed, epoch)``, resumable, no 
 
 1. The driver streams only ``(file, index, length)`` of the training rows (≈16 bytes per row, no
    tokens), keys each row by a hash of its source ``(file, index)`` and plans every epoch with
-   OpenChat's multipack (:func:`raychat.core.train.pack.plan_feed`): each optimizer step gives every rank
+   OpenChat's multipack (:func:`raychat.core.train.plan.plan_feed`): each optimizer step gives every rank
    ``grad_accum`` packs of whole conversations within ``batch_max_len`` tokens, so all ranks run
    the same number of steps (their collectives stay matched).
 2. The plan, as per-row tables (rank, micro-batch, position), goes to the object store once. Each
@@ -23,7 +23,7 @@ The packed data feed (exact, deterministic per ``(seed, epoch)``, resumable, no 
    and sorted into training order with Ray Data's distributed sort. Ray Data's
    ``streaming_split`` cannot say which row goes to which rank; this can, which is what makes the
    global plan — and so the packing efficiency and the exact data position — possible.
-3. The worker regroups its sorted rows into packs (:func:`raychat.core.train.pack.group_packs`). The data
+3. The worker regroups its sorted rows into packs (:func:`raychat.core.train.plan.group_packs`). The data
    position is the optimizer step: on resume (re-run or worker-group restart) packs of earlier
    steps are skipped, so the run sees exactly the packs it would have seen without the stop.
 """
@@ -66,8 +66,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import torch
     import torch.distributed as dist
 
+    from raychat.core.model.attention import KernelOptions, use_packed_attention
     from raychat.core.model.hf import add_missing_eot, load_causal_lm, lora_model, set_generation_stop
-    from raychat.core.train.pack import group_packs, pack, use_packed_attention
+    from raychat.core.train.pack import pack
+    from raychat.core.train.plan import group_packs
     from raychat.core.train.step import deepspeed_config, lr_multiplier, train_step
 
     setup_logging()
@@ -85,14 +87,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     set_generation_stop(model, tokenizer)
     # Per-row attention over packs (no T² mask) unless the model already runs a varlen kernel.
     use_packed_attention(model)
+    kernels = KernelOptions()  # the CUDA kernels of the packed step (defaults; no config field)
     if cfg.compile_blocks != "off":
-        from raychat.core.model.hf import compile_blocks
+        from raychat.core.model.compile import compile_blocks
 
         n = compile_blocks(model, cfg.compile_blocks)
         if rank == 0:
             log.info("compiling %d modules (%s; torch.compile, dynamic shapes)", n, cfg.compile_blocks)
     if cfg.gradient_checkpointing:
-        from raychat.core.model.hf import enable_activation_checkpointing
+        from raychat.core.model.compile import enable_activation_checkpointing
 
         enable_activation_checkpointing(model)
     if cfg.lora_r is not None:
@@ -143,7 +146,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "tokens_per_s": tokens_seen / max(time.time() - t_start, 1e-6),
         }
         if eval_shard is not None:
-            metrics["eval_loss"] = _evaluate(engine, eval_shard, cfg.batch_max_len, all_reduce, state, rank)
+            metrics["eval_loss"] = _evaluate(engine, eval_shard, cfg.batch_max_len, all_reduce, state, rank, kernels)
             metrics_out.gauges({"eval_loss": metrics["eval_loss"]})
         _save_and_report(engine, tokenizer, cfg, rank, state, metrics)
 
@@ -159,7 +162,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if len(packs) < accum:
             continue
         t_step = time.time()
-        result = train_step(engine, packs, world, all_reduce)
+        result = train_step(engine, packs, world, all_reduce, kernels=kernels)
         packs = []
         tokens_seen += result.tokens
         state["step"] += 1
@@ -267,7 +270,7 @@ _GAUGE_OF = {
 }
 
 
-def _evaluate(engine, shard, batch_max_len: int, all_reduce, state: dict, rank: int) -> float:
+def _evaluate(engine, shard, batch_max_len: int, all_reduce, state: dict, rank: int, kernels) -> float:
     """Weighted held-out loss: Σ w·CE / Σ w over every rank's eval rows, packed like training.
 
     Ranks may pack their rows into different numbers of packs; under ZeRO-3 every forward is a
@@ -285,7 +288,7 @@ def _evaluate(engine, shard, batch_max_len: int, all_reduce, state: dict, rank: 
 
     def flush() -> None:
         nonlocal rows_ids, rows_w, tokens, forwards
-        loss_sum, w = eval_sums(engine, pack(rows_ids, rows_w))
+        loss_sum, w = eval_sums(engine, pack(rows_ids, rows_w), kernels)
         sums[0] += loss_sum
         sums[1] += w
         forwards += 1
@@ -302,7 +305,7 @@ def _evaluate(engine, shard, batch_max_len: int, all_reduce, state: dict, rank: 
         flush()
     most = all_reduce(torch.tensor([forwards], dtype=torch.float64, device=engine.device))
     for _ in range(int(most[0]) - forwards):
-        eval_sums(engine, pack([[0]], [[0.0]]))
+        eval_sums(engine, pack([[0]], [[0.0]]), kernels)
     total = all_reduce(torch.tensor(sums, dtype=torch.float64, device=engine.device))
     engine.train()
     eval_loss = float(total[0]) / max(float(total[1]), 1e-8)
@@ -424,7 +427,7 @@ def per_rank_eval(eval_ds, num_ranks: int) -> dict:
         def fn(table):
             import pyarrow as pa
 
-            from raychat.core.train.pack import row_keys
+            from raychat.core.train.plan import row_keys
 
             keys = row_keys(table["file"].to_pylist(), table["index"].to_pylist())
             return table.select(["input_ids", "weights"]).filter(pa.array(keys % np.uint64(num_ranks) == rank))
@@ -435,7 +438,7 @@ def per_rank_eval(eval_ds, num_ranks: int) -> dict:
 
 
 def _row_meta(batch: dict) -> dict:
-    from raychat.core.train.pack import row_keys
+    from raychat.core.train.plan import row_keys
 
     return {
         "key": row_keys(batch["file"], batch["index"]),
@@ -472,7 +475,7 @@ def _tag_for_rank(tables_ref, rank: int, stride: int):
     def tag(table):
         import pyarrow as pa
 
-        from raychat.core.train.pack import row_keys
+        from raychat.core.train.plan import row_keys
 
         t = _cached_tables(tables_ref)
         keys = row_keys(table["file"].to_pylist(), table["index"].to_pylist())
@@ -511,7 +514,7 @@ def _cached_tables(ref) -> dict:
 def per_rank_feeds(train_ds, keys: np.ndarray, plan, num_ranks: int, batch_max_len: int) -> dict:
     """One dataset per rank: its rows of every epoch, sorted into training order (micro, position).
 
-    The global plan (:func:`raychat.core.train.pack.plan_feed`) is joined to the streamed rows by key; the
+    The global plan (:func:`raychat.core.train.plan.plan_feed`) is joined to the streamed rows by key; the
     sort is Ray Data's distributed sort, so no node holds more than its blocks of token data.
     """
     tables_ref = ray.put({"keys": keys, "rank": plan.rank, "micro": plan.micro, "pos": plan.pos})
@@ -560,7 +563,7 @@ def _model_type(base_uri: str) -> str:
 
 def run(cfg: TrainConfig) -> dict:
     """Trains (or resumes) and returns a summary (checkpoint URIs, loss first → last, steps, packing, wall time)."""
-    from raychat.core.train.pack import plan_feed
+    from raychat.core.train.plan import plan_feed
     from raychat.core.train.step import openchat_auto_lr
 
     init_ray()

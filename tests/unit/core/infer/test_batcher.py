@@ -182,19 +182,19 @@ def test_continuous_batching_on_cuda_joins_and_leaves_like_on_cpu(model_and_tok)
 
 
 def test_each_step_runs_inside_the_sdpa_kernel_scope_of_its_device(model_and_tok, monkeypatch):
-    """Prefill and decode run under raychat.core.train.pack.sdpa_backend_scope (on CUDA: no cuDNN attention)."""
+    """Prefill and decode run under raychat.core.model.attention.sdpa_backend_scope (on CUDA: no cuDNN attention)."""
     import contextlib
 
     import torch
 
-    import raychat.core.train.pack
+    import raychat.core.infer.batcher
 
     model, _ = model_and_tok
     entered, calls = [], []
     real_forward = model.forward
 
     @contextlib.contextmanager
-    def spy_scope(device):
+    def spy_scope(device, kernels):
         entered.append(device)
         yield
 
@@ -202,7 +202,7 @@ def test_each_step_runs_inside_the_sdpa_kernel_scope_of_its_device(model_and_tok
         calls.append(len(entered))
         return real_forward(*a, **k)
 
-    monkeypatch.setattr(raychat.core.train.pack, "sdpa_backend_scope", spy_scope)
+    monkeypatch.setattr(raychat.core.infer.batcher, "sdpa_backend_scope", spy_scope)
     monkeypatch.setattr(model, "forward", spy_forward)
     b = batcher(model)
     b.submit(0, PROMPTS[0], GREEDY)

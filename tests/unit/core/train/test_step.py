@@ -74,8 +74,9 @@ def test_training_steps_reduce_weighted_loss_on_tiny_model(tiny_model_dir, token
 from unittest import mock  # noqa: E402
 
 import raychat.core.train.step  # noqa: E402
+from raychat.core.model.attention import use_packed_attention  # noqa: E402
 from raychat.core.train.loss import weighted_cross_entropy  # noqa: E402
-from raychat.core.train.pack import pack, packed_forward, use_packed_attention  # noqa: E402
+from raychat.core.train.pack import pack, packed_forward  # noqa: E402
 from raychat.core.train.step import forward_packed_ce  # noqa: E402
 
 
