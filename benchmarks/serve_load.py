@@ -71,6 +71,7 @@ class Sequential:
     ) -> Sequential:
         import torch
 
+        from raychat.core.common.node_cache import MODEL_CACHE
         from raychat.core.data.templates import get_template
         from raychat.core.data.tokenizer import ConversationTokenizer
         from raychat.core.infer.batcher import ContinuousBatcher
@@ -79,7 +80,7 @@ class Sequential:
         from raychat.core.run_dir import resolve_checkpoint
 
         torch.set_num_threads(threads)  # what the engine replica gets (Ray sets OMP_NUM_THREADS = num_cpus)
-        local = fetch_checkpoint(resolve_checkpoint(checkpoint).uri, "/tmp/raychat/models")
+        local = fetch_checkpoint(resolve_checkpoint(checkpoint).uri, MODEL_CACHE)
         # As the engine replica loads it (ServeConfig.cpu_packed_linears); the `generate` baseline runs
         # this same model, so the same kernels.
         model, tok = load_inference_model(local, dtype, device, pack_linears)

@@ -1,10 +1,10 @@
-"""A training run's layout without training: HF checkpoints + manifest.json as raychat.jobs.train writes them."""
+"""A training run's layout without training: HF checkpoints, trainer state and the manifest, written by run_dir."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from raychat.core import run_dir
 from raychat.core.common import storage
 
 
@@ -15,10 +15,8 @@ def write_run(run_uri: str, checkpoints: list[tuple[Path, int, float]]) -> dict:
     for model_dir, step, eval_loss in checkpoints:
         uri = storage.join(run_uri, f"checkpoint_step{step:05d}")
         storage.upload_dir(model_dir, uri)
-        storage.write_text(storage.join(uri, "trainer_state.json"), json.dumps({"step": step, "epoch": 0}))
-        storage.write_text(storage.join(uri, "training_state", "zero_pp_rank_0_optim_states.pt"), "x" * 4096)
-        entries.append({"uri": uri, "step": step, "epoch": 0, "loss": eval_loss + 0.1, "eval_loss": eval_loss})
-    best = min(entries, key=lambda e: e["eval_loss"])["uri"]
-    manifest = {"run": run_uri, "checkpoints": entries, "latest": entries[-1]["uri"], "best": best}
-    storage.write_text(storage.join(run_uri, "manifest.json"), json.dumps(manifest))
-    return manifest
+        entry = run_dir.CheckpointEntry(uri=uri, step=step, epoch=0, loss=eval_loss + 0.1, eval_loss=eval_loss)
+        run_dir.write_trainer_state(uri, run_dir.TrainerState(step=step), {"step": step, "eval_loss": eval_loss})
+        storage.write_text(storage.join(uri, run_dir.TRAINING_STATE_DIR, "zero_pp_rank_0_optim_states.pt"), "x" * 4096)
+        entries.append(entry)
+    return run_dir.write_manifest(run_uri, entries)

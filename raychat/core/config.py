@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from raychat.core.common.node_cache import MODEL_CACHE
 from raychat.core.common.storage import normalize
 from raychat.core.data.sample import BAD_ROWS
 from raychat.core.data.templates import TEMPLATES
@@ -366,7 +367,7 @@ class ServeConfig(_Config):
         description="Serve without API keys (local demo only); otherwise starting with no key configured fails.",
     )
     cache_dir: str = Field(
-        default="/tmp/raychat/models",
+        default=MODEL_CACHE,
         description="Node-local cache for checkpoints downloaded from s3:// (one download per node, file-locked).",
     )
     host: str = Field(

@@ -27,15 +27,14 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.datasource import FileBasedDatasource
 
-from raychat.core.common import storage
+from raychat.core.common import node_cache, storage
 from raychat.core.common.cli import parse_config
 from raychat.core.common.report import format_table
 from raychat.core.config import PretokenizeConfig
+from raychat.core.data.dataset import METADATA_KEY, ROW_SCHEMA, TOKENIZER_CACHE, data_metadata
 from raychat.core.data.formats import SourceRules, SourceSpec
 from raychat.core.data.rows import (
-    METADATA_KEY,
     RECORD_SCHEMA,
-    ROW_SCHEMA,
     RowPolicy,
     Stats,
     batch_key,
@@ -110,7 +109,7 @@ class TokenizeBatch:
         from raychat.core.data.templates import get_template
         from raychat.core.data.tokenizer import ConversationTokenizer, load_data_encoder
 
-        local = storage.local_or_download(c.tokenizer, "/tmp/raychat/tokenizers") if c.tokenizer else None
+        local = node_cache.local_or_download(c.tokenizer, TOKENIZER_CACHE) if c.tokenizer else None
         template = get_template(c.template)
         self.ct = ConversationTokenizer(load_data_encoder(local), template, c.max_length)
         self.policy = RowPolicy(
@@ -158,24 +157,6 @@ def source_rules(cfg: PretokenizeConfig, default_condition: str) -> SourceRules:
     )
 
 
-def data_metadata(cfg: PretokenizeConfig) -> dict:
-    """How the rows are made; training refuses data whose metadata does not match its model."""
-    from raychat.core.data.templates import get_template
-    from raychat.core.data.tokenizer import ConversationTokenizer, load_data_encoder, tokenizer_fingerprint
-
-    local = storage.local_or_download(cfg.tokenizer, "/tmp/raychat/tokenizers") if cfg.tokenizer else None
-    enc = load_data_encoder(local)
-    ct = ConversationTokenizer(enc, get_template(cfg.template), cfg.max_length)  # fails fast on a bad pairing
-    return {
-        "template": cfg.template,
-        "tokenizer": cfg.tokenizer or "embedded",
-        "tokenizer_fingerprint": tokenizer_fingerprint(enc),
-        "vocab_size": len(enc.vocab()),
-        "max_length": ct.max_length,
-        "eot_id": ct.eot_id,
-    }
-
-
 def _prepare_output(uri: str) -> None:
     fs, path = storage.resolve(uri)
     info = fs.get_file_info(path)
@@ -199,7 +180,7 @@ def run(cfg: PretokenizeConfig) -> dict:
         in_fs, files = storage.expand_inputs(cfg.input)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--input: {e}") from None
-    meta = data_metadata(cfg)
+    meta = data_metadata(cfg.template, cfg.tokenizer, cfg.max_length)
     log.info("%d input file(s), template %s, max length %d", len(files), cfg.template, meta["max_length"])
     node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
     pool = plan_tokenizer_pool(node_cpus, cfg.tokenizer_threads, cfg.num_actors, reserved=2 * READ_CPUS)

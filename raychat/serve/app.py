@@ -15,7 +15,7 @@ from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
 from raychat.core.config import ServeConfig
-from raychat.core.infer.checkpoint_cache import resolve_checkpoint
+from raychat.core.run_dir import resolve_checkpoint
 from raychat.serve.engine import LLMEngine
 from raychat.serve.ingress import OpenAIRouter
 

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raychat.core.common import storage
-from raychat.core.data.rows import METADATA_KEY
+from raychat.core.data.dataset import METADATA_KEY
 from raychat.core.data.sample import sample_jsonl
 
 pytestmark = pytest.mark.integration

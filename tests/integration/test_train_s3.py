@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from raychat.core.common import storage
+from raychat.core.common import node_cache, storage
 from raychat.core.data.sample import sample_jsonl
 from tests.integration.serving import local_greedy, serve_run
 
@@ -52,7 +52,7 @@ def test_train_writes_checkpoints_and_manifest_to_s3(trained, tmp_path):
     assert s["checkpoint"].startswith(f"s3://{bucket}/runs/r/checkpoint_")
     assert manifest["latest"] == s["checkpoint"] and manifest["best"].startswith("s3://")
     assert [e["step"] for e in manifest["checkpoints"]] == [1, 2]
-    local = storage.local_or_download(s["checkpoint"], tmp_path / "cache")
+    local = node_cache.local_or_download(s["checkpoint"], tmp_path / "cache")
     assert AutoModelForCausalLM.from_pretrained(local, use_safetensors=True).config.model_type == "mistral"
 
 
@@ -74,4 +74,4 @@ def test_best_and_latest_checkpoints_of_the_trained_run_are_served(trained, serv
             select,
         )
         # The served weights are that checkpoint's: same greedy text as generating from it in-process.
-        assert text == local_greedy(storage.local_or_download(entry["uri"], tmp_path / "local" / select))
+        assert text == local_greedy(node_cache.local_or_download(entry["uri"], tmp_path / "local" / select))

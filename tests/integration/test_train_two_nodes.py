@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from raychat.core.common import storage
+from raychat.core.common import node_cache, storage
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -71,5 +71,5 @@ def test_two_workers_on_two_nodes_train_from_and_checkpoint_to_s3_only(s3_server
     assert manifest["latest"] == s["checkpoint"] and [c["step"] for c in manifest["checkpoints"]][-1] == 4
     from transformers import AutoModelForCausalLM
 
-    local = storage.local_or_download(s["checkpoint"], tmp_path / "cache")
+    local = node_cache.local_or_download(s["checkpoint"], tmp_path / "cache")
     assert AutoModelForCausalLM.from_pretrained(local, use_safetensors=True).config.model_type == "mistral"

@@ -103,42 +103,6 @@ def upload_dir(local_dir: str | os.PathLike, uri: str) -> None:
     )
 
 
-def download_dir(uri: str, local_dir: str | os.PathLike) -> Path:
-    """Copies the tree at ``uri`` into ``local_dir`` (created) and returns it."""
-    fs, path = resolve(uri)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"{uri}: no such directory")
-    local = Path(local_dir)
-    local.mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(path, str(local.resolve()), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return local
-
-
-def local_or_download(uri: str, cache_root: str | os.PathLike) -> Path:
-    """A local directory holding ``uri``: the path itself when local, else a cached download."""
-    if not is_s3(uri):
-        _, path = resolve(uri)
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"{uri}: no such directory")
-        return Path(path)
-    import hashlib
-
-    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    dest = Path(cache_root) / key
-    marker = dest / ".raychat-complete"
-    if not marker.exists():
-        tmp = Path(cache_root) / f".{key}.{os.getpid()}.tmp"
-        download_dir(uri, tmp)
-        (tmp / ".raychat-complete").write_text(uri)
-        try:
-            tmp.rename(dest)
-        except OSError:  # another process finished first; theirs is as good
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
 DATA_EXTENSIONS = (".jsonl", ".json", ".ndjson")
 _GLOB_CHARS = "*?["
 

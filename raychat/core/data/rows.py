@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from raychat.core.data.dataset import ROW_SCHEMA
 from raychat.core.data.formats import Format, SameRolePolicy, SourceRules, content_hash, normalize
 from raychat.core.data.schema import Conversation, InvalidRow
 from raychat.core.data.tokenizer import ConversationTokenizer
@@ -31,24 +32,6 @@ RECORD_SCHEMA = pa.schema(
         ("detail", pa.string()),
     ]
 )
-
-#: What training reads. ``weights[t]`` weighs predicting ``input_ids[t]`` (unshifted).
-ROW_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("source", pa.string()),
-        ("condition", pa.string()),
-        ("file", pa.string()),
-        ("index", pa.int64()),
-        ("input_ids", pa.list_(pa.int32())),
-        ("weights", pa.list_(pa.float32())),
-        ("length", pa.int32()),
-        ("total_weight", pa.float32()),
-    ]
-)
-
-#: Key of the parquet schema metadata entry describing how rows were made.
-METADATA_KEY = b"raychat"
 
 #: ``claim(hashes, owners) -> is_first``: exact-duplicate detection shared by all workers.
 ClaimFn = Callable[[list[bytes], list[str]], list[bool]]

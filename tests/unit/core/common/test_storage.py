@@ -1,6 +1,6 @@
 import pytest
 
-from raychat.core.common import storage
+from raychat.core.common import node_cache, storage
 
 
 def test_local_paths_and_file_uris_resolve_to_the_same_place(tmp_path):
@@ -30,15 +30,10 @@ def test_s3_roundtrip_through_moto(s3_bucket, tmp_path):
     storage.upload_dir(src, uri)
     assert storage.exists(f"{uri}/config.json")
     assert [p.rsplit("/", 1)[-1] for p in storage.list_files(uri)] == ["config.json", "w.bin"]
-    local = storage.local_or_download(uri, tmp_path / "cache")
+    local = node_cache.local_or_download(uri, tmp_path / "cache")
     assert (local / "sub" / "w.bin").read_bytes() == b"\x00\x01"
     # Second call hits the cache (same directory, no new download).
-    assert storage.local_or_download(uri, tmp_path / "cache") == local
-
-
-def test_missing_s3_directory_is_file_not_found(s3_bucket, tmp_path):
-    with pytest.raises(FileNotFoundError):
-        storage.local_or_download(f"s3://{s3_bucket}/absent", tmp_path)
+    assert node_cache.local_or_download(uri, tmp_path / "cache") == local
 
 
 def test_config_makes_local_paths_absolute_and_keeps_s3(tmp_path, monkeypatch):

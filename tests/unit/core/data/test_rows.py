@@ -2,8 +2,9 @@ import json
 
 import pytest
 
+from raychat.core.data.dataset import ROW_SCHEMA
 from raychat.core.data.formats import SourceRules, SourceSpec
-from raychat.core.data.rows import ROW_SCHEMA, RowPolicy, Stats, StrictModeError, process_records
+from raychat.core.data.rows import RowPolicy, Stats, StrictModeError, process_records
 from raychat.core.data.sample import BAD_ROWS, sample_jsonl
 from raychat.core.data.templates import get_template
 from raychat.core.data.tokenizer import ConversationTokenizer

@@ -4,32 +4,8 @@ import threading
 import pytest
 
 from raychat.core.common import storage
-from raychat.core.infer.checkpoint_cache import CheckpointError, fetch_checkpoint, resolve_checkpoint
-from tests.fake_runs import write_run
-
-
-@pytest.fixture
-def s3_run(s3_bucket, tiny_model_dir):
-    run = f"s3://{s3_bucket}/runs/crlft"
-    return write_run(run, [(tiny_model_dir, 10, 5.0), (tiny_model_dir, 20, 6.0)])
-
-
-def test_run_uri_resolves_to_best_by_eval_loss_or_latest(s3_run):
-    best = resolve_checkpoint(s3_run["run"], "best")
-    latest = resolve_checkpoint(s3_run["run"], "latest")
-    assert (best.uri, best.step, best.eval_loss, best.selected) == (s3_run["checkpoints"][0]["uri"], 10, 5.0, "best")
-    assert (latest.uri, latest.step, latest.eval_loss) == (s3_run["checkpoints"][1]["uri"], 20, 6.0)
-    assert best.run == latest.run == s3_run["run"]
-
-
-def test_explicit_checkpoint_uri_finds_its_step_and_eval_loss_in_the_run(s3_run):
-    ref = resolve_checkpoint(s3_run["checkpoints"][1]["uri"])
-    assert (ref.step, ref.eval_loss, ref.run, ref.selected) == (20, 6.0, s3_run["run"], None)
-
-
-def test_missing_uri_is_a_clear_error(tmp_path):
-    with pytest.raises(CheckpointError, match="no such checkpoint"):
-        resolve_checkpoint(str(tmp_path / "nothing"))
+from raychat.core.infer.checkpoint_cache import fetch_checkpoint
+from raychat.core.run_dir import CheckpointError
 
 
 def test_s3_checkpoint_is_downloaded_once_without_training_state_and_verified(s3_run, tmp_path):
