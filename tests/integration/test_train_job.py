@@ -44,9 +44,12 @@ def cfg(tokenized, out, **kw):
 def test_rerun_resumes_from_latest_checkpoint_with_same_history(tokenized, tmp_path):
     from raychat.jobs.train.driver import run
 
-    first = run(cfg(tokenized, tmp_path, max_steps=6, checkpoint_every=3))
-    second = run(cfg(tokenized, tmp_path, max_steps=12, checkpoint_every=3))
+    first = run(cfg(tokenized, tmp_path, max_steps=6, checkpoint_every=3, eval_every=2))
+    second = run(cfg(tokenized, tmp_path, max_steps=12, checkpoint_every=3, eval_every=2))
     assert first["steps"] == 6 and second["steps"] == 12
+    # Evaluated every 2 steps and before each checkpoint (every 3); the resumed run keeps the first's evals.
+    assert [e["step"] for e in first["evals"]] == [2, 3, 4, 6]
+    assert [e["step"] for e in second["evals"]] == [2, 3, 4, 6, 8, 9, 10, 12]
     assert [h["step"] for h in second["history"]] == list(range(1, 13))
     # Steps 1-6 were not re-trained: the resumed run's history starts with the first run's.
     assert [h["loss"] for h in second["history"][:6]] == [h["loss"] for h in first["history"]]
@@ -135,10 +138,10 @@ def test_two_workers_with_zero3_accumulation_and_checkpointing_train_on_packed_s
     assert s["packing_efficiency"][0] >= 0.9
     # Every step metric reaches Prometheus under a name the dashboards know (raychat/core/common/metric_specs.py).
     from raychat.core.common.metric_specs import TRAIN_METRICS
-    from raychat.jobs.train.driver import _GAUGE_OF
+    from raychat.jobs.train.worker import GAUGE_OF
 
-    assert set(_GAUGE_OF.values()) == {m.name for m in TRAIN_METRICS}
-    assert set(_GAUGE_OF) - {"eval_loss"} <= set(s["history"][-1]) and s["eval_loss"] is not None
+    assert set(GAUGE_OF.values()) == {m.name for m in TRAIN_METRICS}
+    assert set(GAUGE_OF) - {"eval_loss"} <= set(s["history"][-1]) and s["eval_loss"] is not None
     model = AutoModelForCausalLM.from_pretrained(s["checkpoint"], use_safetensors=True)
     assert model.config.model_type == "mistral"
 
