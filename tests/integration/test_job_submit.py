@@ -98,35 +98,19 @@ def ray_head():
     }
     env |= local_ray_env(env)  # what cluster/start-local.sh exports (the RayService pods set the same Serve runtime)
     env |= serve_side_ports_env()  # HAProxy's fixed ports stay free for the tests' own Ray instance
-    cmd = [
-        str(BIN / "ray"),
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address",
-        "127.0.0.1",
-        "--port",
-        str(ports["gcs"]),
-        "--dashboard-host",
-        "127.0.0.1",
-        "--dashboard-port",
-        str(ports["dashboard"]),
-        "--metrics-export-port",
-        str(ports["metrics"]),
-        "--ray-client-server-port",
-        str(ports["client"]),
-        "--dashboard-agent-listen-port",
-        str(ports["agent_http"]),
-        "--dashboard-agent-grpc-port",
-        str(ports["agent_grpc"]),
-        "--runtime-env-agent-port",
-        str(ports["runtime_env"]),
-        "--temp-dir",
-        temp_dir,
-        "--num-cpus",
-        "2",
-        "--disable-usage-stats",
-    ]
+    port_flags = {
+        "--port": "gcs",
+        "--dashboard-port": "dashboard",
+        "--metrics-export-port": "metrics",
+        "--ray-client-server-port": "client",
+        "--dashboard-agent-listen-port": "agent_http",
+        "--dashboard-agent-grpc-port": "agent_grpc",
+        "--runtime-env-agent-port": "runtime_env",
+    }
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1"]
+    cmd += ["--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir, "--num-cpus", "2", "--disable-usage-stats"]
+    for flag, name in port_flags.items():
+        cmd += [flag, str(ports[name])]
     log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115 (open across the yield, closed below)
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     head = Head(f"http://127.0.0.1:{ports['dashboard']}", f"127.0.0.1:{ports['gcs']}", ports["metrics"], temp_dir, env)

@@ -43,6 +43,16 @@ def api(serve_port, tiny_model_dir, key_file):
     return url
 
 
+def tiny_app(tiny_model_dir, **cfg) -> dict:
+    """The ServeConfig fields the load and fault tests share: the tiny model, no API keys, a quarter CPU a replica."""
+    return {"checkpoint": str(tiny_model_dir), "model_id": "tiny", "allow_no_auth": True, "num_cpus": 0.25} | cfg
+
+
+def deploy_tiny(serve_port: int, name: str, tiny_model_dir, **cfg) -> str:
+    """:func:`deploy` of :func:`tiny_app` with ``cfg`` on top."""
+    return deploy(serve_port, name, **tiny_app(tiny_model_dir, **cfg))
+
+
 def client(url: str, key: str = KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=60)
 
@@ -142,27 +152,14 @@ def test_stream_is_sse_ending_with_done(api):
 
 def test_completions_with_several_prompts_and_n_choices(api):
     c = client(api)
-    r = c.completions.create(
-        model="tiny",
-        prompt=["Once upon a time", "The capital of France is"],
-        n=2,
-        max_tokens=6,
-        temperature=0.8,
-        seed=7,
-    )
+    sampled = dict(model="tiny", prompt=["Once upon a time", "The capital of France is"], n=2, max_tokens=6)
+    r = c.completions.create(**sampled, temperature=0.8, seed=7)
     assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
     one = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0)
     two = c.completions.create(model="tiny", prompt="The capital of France is", max_tokens=6, temperature=0)
     assert r.usage.prompt_tokens == one.usage.prompt_tokens + two.usage.prompt_tokens  # once per prompt, not per choice
     assert sum(bool(ch.text) for ch in r.choices) <= r.usage.completion_tokens <= 4 * 6
-    again = c.completions.create(
-        model="tiny",
-        prompt=["Once upon a time", "The capital of France is"],
-        n=2,
-        max_tokens=6,
-        temperature=0.8,
-        seed=7,
-    )
+    again = c.completions.create(**sampled, temperature=0.8, seed=7)
     assert [ch.text for ch in again.choices] == [ch.text for ch in r.choices]  # seeded: reproducible
 
 
@@ -267,14 +264,11 @@ def test_other_layout_and_engine_mode_serve_the_same_text_whole_and_streamed(api
     # engine mode (the batching loop as a thread of the replica, or in a child process).
     other = "split" if ServeConfig.model_fields["layout"].default == "combined" else "combined"
     process = not ServeConfig.model_fields["engine_process"].default
-    url = deploy(
+    url = deploy_tiny(
         serve_port,
         "other",
-        checkpoint=str(tiny_model_dir),
-        model_id="tiny",
-        allow_no_auth=True,
+        tiny_model_dir,
         num_replicas=1,
-        num_cpus=0.25,
         max_batch_size=8,
         layout=other,
         engine_process=process,
@@ -315,14 +309,11 @@ def test_other_layout_and_engine_mode_serve_the_same_text_whole_and_streamed(api
 def test_request_over_request_timeout_is_cancelled_with_504_and_not_retried(serve_port, tiny_model_dir, layout):
     from ray import serve
 
-    url = deploy(
+    url = deploy_tiny(
         serve_port,
         f"deadline-{layout}",
-        checkpoint=str(tiny_model_dir),
-        model_id="tiny",
-        allow_no_auth=True,
+        tiny_model_dir,
         num_replicas=1,
-        num_cpus=0.25,
         max_batch_size=1,
         request_timeout_s=1,
         layout=layout,
@@ -391,14 +382,11 @@ def test_32_concurrent_requests_all_succeed_and_share_batches(api):
 
 @pytest.mark.parametrize("layout", ["split", "combined"])
 def test_full_queue_answers_fast_with_429_retry_after(serve_port, tiny_model_dir, layout):
-    url = deploy(
+    url = deploy_tiny(
         serve_port,
         f"tight-{layout}",
-        checkpoint=str(tiny_model_dir),
-        model_id="tiny",
-        allow_no_auth=True,
+        tiny_model_dir,
         num_replicas=1,
-        num_cpus=0.25,
         max_batch_size=1,
         max_ongoing_requests=1,
         max_queued_requests=1,
@@ -433,16 +421,13 @@ def test_default_layout_autoscales_up_under_load(serve_port, tiny_model_dir):
 
     # Replicas of the default (combined) layout take HTTP straight from HAProxy, so no handle sees
     # the load: Serve's autoscaler must get it from the replicas' own reports.
-    url = deploy(
+    url = deploy_tiny(
         serve_port,
         "auto",
-        checkpoint=str(tiny_model_dir),
-        model_id="tiny",
-        allow_no_auth=True,
+        tiny_model_dir,
         min_replicas=1,
         max_replicas=2,
         target_ongoing_requests=2,
-        num_cpus=0.25,
         max_batch_size=8,
         autoscaling_overrides={"upscale_delay_s": 1, "downscale_delay_s": 600},
     )
@@ -483,14 +468,7 @@ def test_rolling_out_a_new_config_loses_no_request_in_flight_or_arriving(serve_p
 
     # What a new checkpoint in the RayService does: the same app with other args, so every replica is
     # replaced while requests run and keep coming (default layout: the replicas are the ingress).
-    cfg = dict(
-        checkpoint=str(tiny_model_dir),
-        model_id="tiny",
-        allow_no_auth=True,
-        num_replicas=1,
-        num_cpus=0.25,
-        max_batch_size=8,
-    )
+    cfg = tiny_app(tiny_model_dir, num_replicas=1, max_batch_size=8)
     url = deploy(serve_port, "roll", **cfg)
 
     def replica_names() -> set:
@@ -595,14 +573,11 @@ def test_killing_an_engine_replica_mid_load_loses_no_accepted_request_in_split_l
     from ray import serve
 
     # The router retries a dead engine replica and reports, in OpenAI's format, what it cannot retry.
-    url = deploy(
+    url = deploy_tiny(
         serve_port,
         "killsplit",
-        checkpoint=str(tiny_model_dir),
-        model_id="tiny",
-        allow_no_auth=True,
+        tiny_model_dir,
         num_replicas=2,
-        num_cpus=0.25,
         max_batch_size=8,
         layout="split",
     )
@@ -625,14 +600,11 @@ def test_killing_a_replica_mid_load_in_combined_layout_fails_only_streams_under_
     # with a 500, which the official client retries (max_retries=2 is its default) on the replica left;
     # a stream already under way breaks off, which the client raises — it never ends as if complete.
     engines_before = _engine_processes()
-    url = deploy(
+    url = deploy_tiny(
         serve_port,
         "killcomb",
-        checkpoint=str(tiny_model_dir),
-        model_id="tiny",
-        allow_no_auth=True,
+        tiny_model_dir,
         num_replicas=2,
-        num_cpus=0.25,
         max_batch_size=8,
         layout="combined",
         engine_process=True,
@@ -675,14 +647,11 @@ def test_a_dead_engine_process_fails_its_requests_with_503_and_serve_replaces_th
     from ray import serve
 
     before = _engine_processes()
-    url = deploy(
+    url = deploy_tiny(
         serve_port,
         "childdeath",
-        checkpoint=str(tiny_model_dir),
-        model_id="tiny",
-        allow_no_auth=True,
+        tiny_model_dir,
         num_replicas=1,
-        num_cpus=0.25,
         max_batch_size=4,
         layout="combined",
         engine_process=True,
