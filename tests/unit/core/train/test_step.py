@@ -167,8 +167,9 @@ def test_optimised_packed_step_has_the_loss_and_gradients_of_the_unoptimised_one
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():
         ref_g = ref_grads[name]
-        # fp32 sums over a 32k vocabulary in another order: tolerance relative to the tensor's scale
-        atol = 1e-5 * float(ref_g.abs().max()) + 1e-9
+        # fp32 sums over a 32k vocabulary in another order: tolerance relative to the tensor's scale, with a
+        # floor for near-zero gradients (a two-token row gives the query weights of the tiny model ~1e-6).
+        atol = 1e-5 * float(ref_g.abs().max()) + 1e-8
         torch.testing.assert_close(g, ref_g, atol=atol, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
