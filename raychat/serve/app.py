@@ -16,7 +16,7 @@ from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
 from raychat.core.config import ServeConfig
 from raychat.core.run_dir import resolve_checkpoint
-from raychat.serve.engine import LLMEngine
+from raychat.serve.engine_client import engine_class
 from raychat.serve.ingress import OpenAIRouter
 
 SAME_EVENT_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
@@ -86,7 +86,9 @@ def build_app(args: dict) -> Application:
         return serve.deployment(OpenAIRouter, name="LLMEngine", **engine_options(cfg)).bind(
             None, cfg.model_dump(), ref.to_dict()
         )
-    engine = serve.deployment(LLMEngine, name="LLMEngine", **engine_options(cfg)).bind(cfg.model_dump(), ref.to_dict())
+    engine = serve.deployment(engine_class(cfg.engine), name="LLMEngine", **engine_options(cfg)).bind(
+        cfg.model_dump(), ref.to_dict()
+    )
     router = serve.deployment(
         OpenAIRouter,
         name="OpenAIRouter",

@@ -23,8 +23,6 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from raychat.core.config import ServeConfig
-from raychat.core.data.templates import get_template
-from raychat.core.data.tokenizer import ConversationTokenizer
 from raychat.core.infer.batcher import ContinuousBatcher, SamplingParams
 from raychat.core.infer.checkpoint_cache import fetch_checkpoint
 from raychat.core.infer.engine_process import BatcherSpec, EngineProcessDied, ProcessBatcher
@@ -32,18 +30,10 @@ from raychat.core.infer.text import CompletionText, TextDelta
 from raychat.core.model.attention import KernelOptions
 from raychat.core.model.hf import load_inference_model
 from raychat.core.run_dir import CheckpointRef
-from raychat.serve.engine_protocol import EngineChunk, EngineRequest
-from raychat.serve.errors import error_body
+from raychat.serve.engine_protocol import EngineChunk, EngineRequest, last_chunk
+from raychat.serve.prompts import PromptEncoder, PromptError, unsupported
 
 log = logging.getLogger("raychat.serve")
-
-
-class PromptError(ValueError):
-    """A user error found while preparing a prompt; carries the OpenAI error body."""
-
-    def __init__(self, body: dict):
-        super().__init__(body["error"]["message"])
-        self.body = body
 
 
 def _put_all(batch: list[tuple[_Stream, object]]) -> None:
@@ -65,6 +55,44 @@ def stream_interval(base_s: float, streams: int, chunk_rate: float, max_s: float
     if chunk_rate <= 0 or base_s <= 0:
         return base_s
     return max(base_s, min(max_s, streams / chunk_rate))
+
+
+class Pacer:
+    """A replica's streams that are sending text, and how long each waits after a send (:func:`stream_interval`).
+
+    The first text of a stream goes out at once (tokens that decode to no text yet, e.g. part of a
+    character, do not start the interval); later text is grouped, so a replica sends at most one
+    message per stream per interval however fast it decodes, and with many streams at most about
+    ``chunk_rate`` messages per second in all. Event loop only.
+    """
+
+    def __init__(self, base_s: float, chunk_rate: float):
+        self.base_s, self.chunk_rate, self.sending = base_s, chunk_rate, 0
+
+    def stream(self) -> StreamPace:
+        return StreamPace(self)
+
+
+class StreamPace:
+    """One stream's share of a :class:`Pacer`: counted as sending from its first interval to :meth:`close`."""
+
+    def __init__(self, pacer: Pacer):
+        self.pacer, self.counted = pacer, False
+
+    def interval(self, text: str, finished: bool) -> float:
+        """Seconds to wait after sending ``text`` (0: send on at once)."""
+        p = self.pacer
+        if not text or finished or not p.base_s:
+            return 0.0
+        if not self.counted:
+            self.counted = True
+            p.sending += 1
+        return stream_interval(p.base_s, p.sending, p.chunk_rate)
+
+    def close(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.pacer.sending -= 1
 
 
 @dataclass
@@ -110,12 +138,9 @@ class LLMEngine:
         else:
             model, self.tokenizer = load_inference_model(local, self._dtype(), device, self.cfg.cpu_packed_linears)
             model_config = model.config
-        self.template = get_template(self.cfg.template)
-        self.condition = self.cfg.default_condition
-        self.max_context = self.cfg.max_context or int(getattr(model_config, "max_position_embeddings", 2048))
-        self.ct = ConversationTokenizer(self.tokenizer, self.template, self.max_context)
-        self.vocab_size = int(model_config.vocab_size)
-        stops = [self.ct.eot_id] + ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
+        self.prompts = PromptEncoder.for_model(self.tokenizer, model_config, self.cfg)
+        self.max_context = self.prompts.max_context
+        stops = self.prompts.stop_ids
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         kernels = KernelOptions()  # the CUDA attention kernels of prefill and decode (no config field: defaults)
         if self.cfg.engine_process:
@@ -149,7 +174,7 @@ class LLMEngine:
         self._dead: str | None = None  # why the engine process is gone (engine_process only)
         self.metrics = ServeMetrics(self.cfg.model_id or "")
         self._streams: dict[str, _Stream] = {}
-        self._sending = 0  # streams of this replica that have sent text and are not finished (event loop only)
+        self.pacer = Pacer(self.cfg.stream_interval_s, self.cfg.stream_chunk_rate)
         self._wake = threading.Event()
         self._stop = threading.Event()
         # The loop thread holds the GIL through each step's Python work; a short switch interval lets
@@ -253,56 +278,18 @@ class LLMEngine:
             self.batcher.close()
 
     # -- requests ----------------------------------------------------------------------------------
-    def encode(self, req: EngineRequest) -> list[int]:
-        """The prompt's token ids (chat template for messages).
-
-        Raises:
-            PromptError: for token ids outside the vocabulary or a prompt that does not fit the context.
-        """
-        if req.messages is not None:
-            condition = req.condition if req.condition is not None else self.condition
-            prompt = self.ct.encode_prompt(req.messages, condition=condition, system=req.system)
-            param = "messages"
-        elif isinstance(req.prompt, str):
-            prompt = self.tokenizer(req.prompt, add_special_tokens=self.template.add_bos)["input_ids"]
-            param = "prompt"
-        else:
-            prompt, param = list(req.prompt or []), "prompt"
-            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-            if bad or not prompt:
-                raise PromptError(
-                    error_body(
-                        f"prompt: token ids must be in [0, {self.vocab_size}); got {bad[:5] or 'none'}", param="prompt"
-                    )
-                )
-        room = self.max_context - len(prompt)
-        if room <= 0 or (req.max_tokens is not None and req.max_tokens > room):
-            asked = f" + {req.max_tokens} completion tokens" if req.max_tokens is not None else ""
-            raise PromptError(
-                error_body(
-                    f"This model's maximum context length is {self.max_context} tokens; the request has {len(prompt)} "
-                    f"prompt tokens{asked}. Shorten the {param} or lower max_tokens.",
-                    param=param,
-                    code="context_length_exceeded",
-                )
-            )
-        return prompt
-
     async def generate(self, req: EngineRequest) -> AsyncGenerator[EngineChunk, None]:
         """Streams :class:`EngineChunk` s for one request; user errors come back as an ``error`` chunk."""
         try:
-            prompt = self.encode(req)
+            unsupported(req, "builtin")
+            prompt = self.prompts.encode(req)
         except PromptError as e:
             yield EngineChunk(error=e.body)
             return
-        max_tokens = req.max_tokens or min(self.cfg.default_max_tokens, self.max_context - len(prompt))
+        max_tokens = self.prompts.max_tokens(req, len(prompt), self.cfg.default_max_tokens)
         params = SamplingParams(
             max_tokens=max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            seed=req.seed,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
+            **req.sampling(),
             stop=tuple(req.stop),
         )
         rid = uuid.uuid4().hex
@@ -312,7 +299,7 @@ class LLMEngine:
         self.batcher.submit(rid, prompt, params)
         self._wake.set()
         self.metrics.prompt_tokens.inc(len(prompt))
-        finished, texts, produced, sending = False, [], 0, False
+        finished, texts, produced, pace = False, [], 0, self.pacer.stream()
         try:
             while not finished:
                 items = [await st.queue.get()]
@@ -335,17 +322,8 @@ class LLMEngine:
                 yield EngineChunk(
                     text=text, finish_reason=last.finish_reason, prompt_tokens=len(prompt), completion_tokens=produced
                 )
-                if text and not finished and self.cfg.stream_interval_s:
-                    # The first text goes out at once (tokens that decode to no text yet, e.g. part of
-                    # a character, do not start the interval); later text is grouped, so a replica
-                    # sends at most one message per stream per interval however fast it decodes, and
-                    # with many streams at most about stream_chunk_rate messages per second in all.
-                    if not sending:
-                        sending = True
-                        self._sending += 1
-                    await st.wait(
-                        stream_interval(self.cfg.stream_interval_s, self._sending, self.cfg.stream_chunk_rate)
-                    )
+                if wait := pace.interval(text, finished):
+                    await st.wait(wait)
             if not req.stream:
                 yield EngineChunk(
                     text="".join(texts),
@@ -355,18 +333,14 @@ class LLMEngine:
                 )
         finally:
             self._streams.pop(rid, None)
-            if sending:
-                self._sending -= 1
+            pace.close()
             if not finished:  # the caller went away (disconnect, timeout): free the batch slot
                 self.batcher.abort(rid)
                 self._wake.set()
 
     async def complete(self, req: EngineRequest) -> EngineChunk:
         """A whole choice in one answer (non-streaming requests: a unary call is cheaper than a stream)."""
-        last = None
-        async for chunk in self.generate(req.model_copy(update={"stream": False})):
-            last = chunk
-        return last
+        return await last_chunk(self.generate(req.model_copy(update={"stream": False})))
 
     def info(self) -> dict:
         return {"checkpoint": self.ref.to_dict(), "max_context": self.max_context}

@@ -7,20 +7,20 @@ is retried on another, a full queue is 429, the engine's user errors are 400.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Protocol
 
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from raychat.core.infer.engine_process import EngineProcessDied
-from raychat.serve.engine_protocol import EngineRequest, Opened
+from raychat.serve.engine_protocol import EngineChunk, EngineRequest, Opened
 from raychat.serve.errors import engine_error, queue_full, replica_unavailable
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
-
-    from raychat.serve.engine import LLMEngine
 
 log = logging.getLogger("raychat.serve")
 # Engine calls that failed because a replica died before answering are retried this often.
@@ -28,6 +28,27 @@ REPLICA_RETRIES = 2
 # EngineProcessDied: the replica is up but its engine process is gone (its health check fails, so
 # Serve replaces it); in `split` another replica may take the request.
 _REPLICA_GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, EngineProcessDied)
+
+
+class Engine(Protocol):
+    """What an engine replica class does (``LLMEngine``: builtin, ``VLLMEngine``: vllm)."""
+
+    def generate(self, req: EngineRequest) -> AsyncIterator[EngineChunk]: ...
+
+    async def complete(self, req: EngineRequest) -> EngineChunk: ...
+
+    def info(self) -> dict: ...
+
+
+def engine_class(name: str) -> type:
+    """The engine replica class of ``ServeConfig.engine`` (vLLM is imported only when chosen)."""
+    if name == "vllm":
+        from raychat.serve.vllm_engine import VLLMEngine
+
+        return VLLMEngine
+    from raychat.serve.engine import LLMEngine
+
+    return LLMEngine
 
 
 class EngineClient(Protocol):
@@ -58,8 +79,13 @@ class RemoteEngine:
 class LocalEngine:
     """The engine in this very replica (``layout: combined``): no handle hop, nothing pickled."""
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: Engine):
         self.engine = engine
+
+    async def check_health(self) -> None:
+        result = self.engine.check_health()
+        if inspect.isawaitable(result):
+            await result
 
     async def open(self, ereq: EngineRequest) -> Opened:
         if ereq.stream:

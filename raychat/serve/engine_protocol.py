@@ -33,6 +33,22 @@ class EngineRequest(BaseModel):
     frequency_penalty: float = 0.0
     stop: list[str] = Field(default_factory=list)
     stream: bool = True  # False: the engine sends one chunk with the whole text
+    # Logprobs of each generated token and of its `logprobs` most likely alternatives (0: the token's
+    # own only); None: no logprobs.
+    logprobs: int | None = None
+    echo: bool = False  # completions: the prompt's text (and, with logprobs, its tokens' logprobs) come first
+    # None (free text), {"type": "json_object"} or {"type": "json_schema", "schema": {...}}.
+    response_format: dict | None = None
+
+    def sampling(self) -> dict:
+        """The sampling options every engine's sampling parameters take under these names."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+        }
 
 
 @dataclass(slots=True)
@@ -48,8 +64,23 @@ class EngineChunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: dict | None = None  # OpenAI error body for user errors (e.g. context length)
+    # With EngineRequest.logprobs: one TokenLogprob per token of `text` (with echo, the prompt's first).
+    logprobs: list[TokenLogprob] | None = None
+
+
+TokenLogprob: TypeAlias = tuple[str, float | None, list[tuple[str, float]]]
+"""A token's text, its logprob (None for a prompt's first token) and the most likely alternatives
+(text, logprob), most likely first. Plain tuples: one per token crosses the handle in ``split``."""
 
 
 Opened: TypeAlias = tuple[EngineChunk, AsyncIterator[EngineChunk] | None]
 """One choice once the engine answered: its first chunk, and the stream of the rest (None when
 the first chunk is the whole answer, i.e. a non-streaming request)."""
+
+
+async def last_chunk(chunks: AsyncIterator[EngineChunk]) -> EngineChunk:
+    """The last chunk of a non-streamed request's generator: the whole answer."""
+    last = None
+    async for chunk in chunks:
+        last = chunk
+    return last

@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 
 from raychat.core.config import ServeConfig
 from raychat.serve.auth import NoApiKeysError, load_api_keys
-from raychat.serve.engine_client import EngineClient, LocalEngine, RemoteEngine, open_choice
+from raychat.serve.engine_client import EngineClient, LocalEngine, RemoteEngine, engine_class, open_choice
 from raychat.serve.engine_protocol import EngineRequest
 from raychat.serve.errors import install_handlers, model_not_found, request_timed_out
 from raychat.serve.middleware import OpenAIGuard
@@ -32,6 +32,8 @@ from raychat.serve.protocol import (
     ModelCard,
     ModelList,
     Usage,
+    chat_logprobs,
+    completion_logprobs,
 )
 from raychat.serve.sse import completion_events, gather_or_cancel
 
@@ -51,6 +53,8 @@ def to_engine_request(req: ChatCompletionRequest) -> EngineRequest:
         system=system,
         condition=req.condition,
         max_tokens=req.max_tokens or req.max_completion_tokens,
+        logprobs=req.engine_logprobs(),
+        response_format=req.response_format.for_engine() if req.response_format else None,
         **_sampling(req),
     )
 
@@ -99,9 +103,7 @@ class OpenAIRouter:
                 "or pass allow_no_auth=true (local demo only)"
             )
         if engine is None:
-            from raychat.serve.engine import LLMEngine
-
-            self.engine: EngineClient = LocalEngine(LLMEngine(cfg, checkpoint))
+            self.engine: EngineClient = LocalEngine(engine_class(self.cfg.engine)(cfg, checkpoint))
         else:
             self.engine = RemoteEngine(engine)
         app.state.api_keys = keys or None
@@ -112,10 +114,10 @@ class OpenAIRouter:
         app.state.metrics = self.metrics = ServeMetrics(self.model_id)
         log.info("router for %s: %d API key(s), auth %s", self.model_id, len(keys), "on" if keys else "OFF")
 
-    def check_health(self) -> None:
-        """Serve's health check: combined, a replica whose engine process died is replaced."""
+    async def check_health(self) -> None:
+        """Serve's health check: combined, a replica whose engine (process) died is replaced."""
         if isinstance(self.engine, LocalEngine):
-            self.engine.engine.check_health()
+            await self.engine.check_health()
 
     def _card(self) -> ModelCard:
         return ModelCard(id=self.model_id, root=self.checkpoint["uri"], checkpoint=self.checkpoint)
@@ -145,7 +147,10 @@ class OpenAIRouter:
     @app.post("/v1/completions")
     async def completions(self, req: CompletionRequest):
         self._check_model(req.model)
-        bases = [EngineRequest(prompt=p, max_tokens=req.max_tokens, **_sampling(req)) for p in req.prompts()]
+        bases = [
+            EngineRequest(prompt=p, max_tokens=req.max_tokens, logprobs=req.logprobs, echo=req.echo, **_sampling(req))
+            for p in req.prompts()
+        ]
         return await self._respond(req, choice_requests(bases, req.n), chat=False)
 
     async def _respond(self, req: ChatCompletionRequest | CompletionRequest, ereqs: list[EngineRequest], chat: bool):
@@ -174,13 +179,24 @@ class OpenAIRouter:
         usage = Usage.of(sum(r.prompt_tokens for r in results[::n]), sum(r.completion_tokens for r in results))
         if chat:
             choices = [
-                ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason)
+                ChatChoice(
+                    index=i,
+                    message=AssistantMessage(content=r.text),
+                    finish_reason=r.finish_reason,
+                    logprobs=None if r.logprobs is None else chat_logprobs(r.logprobs),
+                )
                 for i, r in enumerate(results)
             ]
             body = ChatCompletion(model=self.model_id, choices=choices, usage=usage)
         else:
             choices = [
-                CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(results)
+                CompletionChoice(
+                    index=i,
+                    text=r.text,
+                    finish_reason=r.finish_reason,
+                    logprobs=None if r.logprobs is None else completion_logprobs(r.logprobs),
+                )
+                for i, r in enumerate(results)
             ]
             body = Completion(model=self.model_id, choices=choices, usage=usage)
         # pydantic's own JSON: FastAPI's generic path (jsonable_encoder, then json.dumps) costs more per response.

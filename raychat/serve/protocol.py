@@ -1,8 +1,9 @@
 """The OpenAI HTTP protocol: request/response models (no Ray, no engine).
 
-Requests accept and ignore OpenAI fields raychat has no use for (``user``, ``response_format``…)
-but reject, naming the parameter, those whose meaning it cannot honour (``logprobs``, ``tools``,
-``echo``, ``suffix``): a client silently getting something else is worse than a 400.
+Requests accept and ignore OpenAI fields raychat has no use for (``user``, ``parallel_tool_calls``…)
+but reject, naming the parameter, those whose meaning it cannot honour (``tools``, ``suffix``): a
+client silently getting something else is worse than a 400. ``logprobs``, ``echo`` and
+``response_format`` are passed to the engine, which answers 400 naming them when it cannot honour them.
 
 The error format is :mod:`raychat.serve.errors`; what the router and the engine send each other is
 :mod:`raychat.serve.engine_protocol`.
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MAX_STOP_STRINGS = 16
 MAX_N = 16
+MAX_TOP_LOGPROBS = 20
 
 
 class TextPart(BaseModel):
@@ -86,6 +88,33 @@ def _unsupported(value, name: str):
     return value
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(default="response", description="The schema's name.")
+    json_schema: dict = Field(alias="schema", description="The JSON Schema the output must validate against.")
+    strict: bool | None = Field(default=None, description="Accepted; the output always follows the schema.")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"] = Field(description="What the output must be.")
+    json_schema: JSONSchemaFormat | None = Field(default=None, description="With type json_schema: the schema.")
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format: type json_schema needs a json_schema object")
+        return self
+
+    def for_engine(self) -> dict | None:
+        """What the engine is asked for: None for free text."""
+        if self.type == "json_schema":
+            return {"type": "json_schema", "schema": self.json_schema.json_schema}
+        return None if self.type == "text" else {"type": self.type}
+
+
 class ChatCompletionRequest(_SamplingRequest):
     """``POST /v1/chat/completions`` body."""
 
@@ -94,13 +123,45 @@ class ChatCompletionRequest(_SamplingRequest):
     condition: str | None = Field(
         default=None, description="OpenChat extension: C-RLFT condition, e.g. 'GPT4 Correct'."
     )
-    logprobs: bool | None = Field(default=None, description="Not supported (400 when true).")
-    tools: list | None = Field(default=None, description="Not supported (400 when non-empty).")
+    logprobs: bool | None = Field(default=None, description="Return the logprob of each generated token.")
+    top_logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_TOP_LOGPROBS, description="With logprobs: also the N most likely alternatives."
+    )
+    response_format: ResponseFormat | None = Field(
+        default=None, description="'text', 'json_object' or 'json_schema' (the output parses and validates)."
+    )
+    tools: list | None = Field(
+        default=None,
+        description="Not supported (400 when non-empty): the OpenChat template has no tool-call format to parse.",
+    )
+    tool_choice: str | dict | None = Field(default=None, description="Only 'none' (or unset) is supported.")
 
-    @field_validator("logprobs", "tools")
+    @field_validator("tools")
     @classmethod
-    def _reject(cls, v, info):
-        return _unsupported(v, info.field_name)
+    def _no_tools(cls, v):
+        if v:
+            raise ValueError(
+                "tools are not supported: the model's chat template (OpenChat) has no tool-call format to parse"
+            )
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, v):
+        if v not in (None, "none"):
+            raise ValueError("tool_choice: only 'none' is supported (this model's template has no tool calls)")
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v, info):
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs to be true")
+        return v
+
+    def engine_logprobs(self) -> int | None:
+        """What the engine is asked for: None, or how many alternatives per token (0: none)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("messages")
     @classmethod
@@ -119,12 +180,17 @@ class CompletionRequest(_SamplingRequest):
     max_tokens: int | None = Field(
         default=16, gt=0, description="Most tokens to generate per choice (OpenAI's default: 16)."
     )
-    echo: bool | None = Field(default=None, description="Not supported (400 when true).")
+    echo: bool = Field(default=False, description="Return the prompt before the completion (with its logprobs).")
     suffix: str | None = Field(default=None, description="Not supported (400 when set).")
-    logprobs: int | None = Field(default=None, description="Not supported (400 when set).")
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="Return each token's logprob and the N most likely alternatives (0: the token's own only).",
+    )
     best_of: int | None = Field(default=None, description="Only best_of == n (or unset) is supported.")
 
-    @field_validator("echo", "suffix", "logprobs")
+    @field_validator("suffix")
     @classmethod
     def _reject(cls, v, info):
         return _unsupported(v, info.field_name)
@@ -175,7 +241,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: dict | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -196,7 +262,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: dict | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -212,7 +278,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: dict | None = None
 
 
 class Completion(BaseModel):
@@ -240,3 +306,39 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+def _token_bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8"))
+
+
+def chat_logprobs(entries: list) -> dict:
+    """A chat choice's ``logprobs`` (``{"content": [...]}``) from the engine's ``(token, logprob, top)`` entries."""
+    return {
+        "content": [
+            {
+                "token": tok,
+                "logprob": lp,
+                "bytes": _token_bytes(tok),
+                "top_logprobs": [{"token": t, "logprob": x, "bytes": _token_bytes(t)} for t, x in top],
+            }
+            for tok, lp, top in entries
+        ]
+    }
+
+
+def completion_logprobs(entries: list, text_offset: int = 0) -> dict:
+    """A text completion choice's ``logprobs`` (tokens, token_logprobs, top_logprobs, text_offset).
+
+    ``text_offset`` is where the first entry's token starts in the choice's text (streams: the text sent before).
+    """
+    offsets = []
+    for tok, _, _ in entries:
+        offsets.append(text_offset)
+        text_offset += len(tok)
+    return {
+        "tokens": [tok for tok, _, _ in entries],
+        "token_logprobs": [lp for _, lp, _ in entries],
+        "top_logprobs": [None if lp is None else dict(top) for _, lp, top in entries],
+        "text_offset": offsets,
+    }

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable
 
 from raychat.serve.engine_protocol import EngineChunk, Opened
 from raychat.serve.errors import request_timed_out, stream_failed
-from raychat.serve.protocol import ChatCompletionChunk, Completion, Usage
+from raychat.serve.protocol import ChatCompletionChunk, Completion, Usage, chat_logprobs, completion_logprobs
 
 log = logging.getLogger("raychat.serve")
 
@@ -134,12 +134,17 @@ async def completion_events(
     if include_usage:
         head["usage"] = None
 
-    def event(index: int, text: str | None, finish: str | None, first: bool = False) -> str:
+    sent_chars: dict[int, int] = {}  # text completions: characters of each choice sent so far (logprobs' text_offset)
+
+    def event(index: int, text: str | None, finish: str | None, first: bool = False, logprobs=None) -> str:
         if chat:
             delta = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
-            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+            lp = None if logprobs is None else chat_logprobs(logprobs)
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}
         else:
-            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+            lp = None if logprobs is None else completion_logprobs(logprobs, sent_chars.get(index, 0))
+            sent_chars[index] = sent_chars.get(index, 0) + len(text or "")
+            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": lp}
         return f"data: {json.dumps({**head, 'choices': [choice]}, separators=(',', ':'))}\n\n"
 
     last: dict[int, EngineChunk] = {}
@@ -167,8 +172,8 @@ async def completion_events(
                     yield "".join(out) + f"data: {json.dumps(stream_failed())}\n\n"
                     return
                 last[index] = item
-                if item.text:
-                    out.append(event(index, item.text, None))
+                if item.text or item.logprobs:
+                    out.append(event(index, item.text, None, logprobs=item.logprobs))
                 if item.finish_reason:
                     out.append(event(index, "" if not chat else None, item.finish_reason))
             if len(last) == len(opened) and all(c.finish_reason for c in last.values()):

@@ -26,11 +26,28 @@ def key_file(tmp_path_factory):
     return f
 
 
+#: Every engine raychat ships; the OpenAI suite below runs against each.
+ENGINES = ["builtin", "vllm"]
+#: vLLM as the tests run it: eager (starts in seconds, no compile), a small KV cache (vLLM would take most of RAM).
+VLLM_TEST = {"vllm_enforce_eager": True, "vllm_kv_cache_gb": 0.25}
+
+
+def engine_cfg(engine: str) -> dict:
+    """The ServeConfig fields that pick ``engine`` (with the test settings of vLLM)."""
+    return {"engine": engine, **(VLLM_TEST if engine == "vllm" else {})}
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def api(serve_port, tiny_model_dir, key_file):
+def api(serve_port, tiny_model_dir, key_file, engine):
+    name = f"api-{engine}"
     url = deploy(
         serve_port,
-        "api",
+        name,
         checkpoint=str(tiny_model_dir),
         model_id="tiny",
         api_keys_file=str(key_file),
@@ -39,8 +56,10 @@ def api(serve_port, tiny_model_dir, key_file):
         max_context=MAX_CONTEXT,
         max_batch_size=16,
         max_request_bytes=64 << 10,
+        **engine_cfg(engine),
     )
-    return url
+    yield url
+    delete_app(name)
 
 
 def tiny_app(tiny_model_dir, **cfg) -> dict:
@@ -244,6 +263,108 @@ def test_prompt_longer_than_context_is_400_context_length_exceeded(api):
     assert e.value.body["code"] == "context_length_exceeded"
 
 
+def _transformers_logprobs(model_dir, ids: list[int], new_tokens: int) -> tuple[list[float], list[int], list[float]]:
+    """Recomputed with transformers in float32: the logprob of each of ``ids[1:]``, then greedy generation's
+    ``new_tokens`` ids and their logprobs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = model(torch.tensor([seq])).logits[0, -1]
+            seq.append(int(logits.argmax()))
+        logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].float(), dim=-1)
+    scores = [float(logp[i - 1, seq[i]]) for i in range(1, len(seq))]
+    return scores[: len(ids) - 1], seq[len(ids) :], scores[len(ids) - 1 :]
+
+
+def test_logprobs_and_echo_match_a_recomputation_with_transformers(api, engine, tiny_model_dir, tokenizer):
+    c = client(api)
+    ids = [1, 415, 5565, 302, 4843, 349, 5465]
+    if engine == "builtin":  # what an engine cannot do is a 400 naming the parameter, never silently ignored
+        for kwargs, param in ((dict(logprobs=2), "logprobs"), (dict(echo=True), "echo")):
+            with pytest.raises(openai.BadRequestError) as e:
+                c.completions.create(model="tiny", prompt=ids, max_tokens=2, **kwargs)
+            assert e.value.body["param"] == param
+        return
+    prompt_lp, greedy, gen_lp = _transformers_logprobs(tiny_model_dir, ids, 6)
+    # Loglikelihood scoring as lm-eval-harness asks for it: echo + logprobs, one new token.
+    scored = c.completions.create(model="tiny", prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    lp = scored.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids) + 1
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(prompt_lp, abs=1e-3)
+    assert sum(lp.token_logprobs[1 : len(ids)]) == pytest.approx(sum(prompt_lp), abs=1e-3)
+    assert scored.choices[0].text.startswith(tokenizer.decode(ids, skip_special_tokens=True))
+    assert lp.text_offset == sorted(lp.text_offset)
+    # Generated tokens: greedy, with the 3 most likely alternatives; the chosen one is the first of them.
+    for stream in (False, True):
+        kwargs = dict(model="tiny", prompt=ids, max_tokens=6, temperature=0, logprobs=3)
+        if stream:
+            chunks = list(c.completions.create(stream=True, **kwargs))
+            text = "".join(ch.choices[0].text for ch in chunks)
+            got = [ch.choices[0].logprobs for ch in chunks if ch.choices[0].logprobs]
+            tokens, values, tops = (
+                [x for g in got for x in getattr(g, f)] for f in ("tokens", "token_logprobs", "top_logprobs")
+            )
+        else:
+            r = c.completions.create(**kwargs).choices[0]
+            text, tokens, values, tops = r.text, r.logprobs.tokens, r.logprobs.token_logprobs, r.logprobs.top_logprobs
+        # The same tokens as transformers' greedy path: each one's logprob matches, and they spell the text.
+        assert "".join(tokens) == text and len(tokens) == len(greedy)
+        assert values == pytest.approx(gen_lp, abs=1e-3)
+        assert all(len(top) == 3 and max(top.values()) == pytest.approx(v, abs=1e-6) for top, v in zip(tops, values))
+    chat = c.chat.completions.create(
+        model="tiny", messages=MSG, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = chat.choices[0].logprobs.content
+    assert (
+        len(content) == chat.usage.completion_tokens
+        and "".join(t.token for t in content) == chat.choices[0].message.content
+    )
+    assert all(len(t.top_logprobs) == 2 and t.bytes == list(t.token.encode()) for t in content)
+
+
+def test_json_schema_output_parses_and_validates(api, engine):
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "grade": {"enum": ["A", "B", "C"]}},
+        "required": ["ok", "grade"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema}}
+    c = client(api)
+    if engine == "builtin":
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="tiny", messages=MSG, max_tokens=40, response_format=fmt)
+        assert e.value.body["param"] == "response_format"
+        return
+    for seed in range(3):
+        r = c.chat.completions.create(model="tiny", messages=MSG, max_tokens=40, seed=seed, response_format=fmt)
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(
+            model="tiny",
+            messages=MSG,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+        )
+    assert e.value.body["param"] == "response_format"
+
+
+def test_tools_are_400_naming_the_parameter(api):
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client(api).chat.completions.create(model="tiny", messages=MSG, tools=[tool])
+    assert e.value.body["param"] == "tools" and "template" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client(api).chat.completions.create(model="tiny", messages=MSG, tool_choice="required")
+    assert e.value.body["param"] == "tool_choice"
+
+
 def test_bad_json_oversized_body_and_unknown_route_answer_in_openai_format(api):
     auth = {"Authorization": f"Bearer {KEY}"}
     status, _, body = http(api + "/chat/completions", b"{not json", auth)
@@ -255,8 +376,7 @@ def test_bad_json_oversized_body_and_unknown_route_answer_in_openai_format(api):
     assert status == 404 and body["error"]["code"] == "not_found"
 
 
-def test_other_layout_and_engine_mode_serve_the_same_text_whole_and_streamed(api, serve_port, tiny_model_dir):
-    from ray import serve
+def test_other_layout_and_engine_mode_serve_the_same_text_whole_and_streamed(api, engine, serve_port, tiny_model_dir):
 
     from raychat.core.config import ServeConfig
 
@@ -272,6 +392,7 @@ def test_other_layout_and_engine_mode_serve_the_same_text_whole_and_streamed(api
         max_batch_size=8,
         layout=other,
         engine_process=process,
+        **engine_cfg(engine),
     )
     kwargs = dict(model="tiny", messages=MSG, max_tokens=12, temperature=0)
     reference = client(api).chat.completions.create(**kwargs)
@@ -302,7 +423,7 @@ def test_other_layout_and_engine_mode_serve_the_same_text_whole_and_streamed(api
         )
         .choices
     ]
-    serve.delete("other")
+    delete_app("other")
 
 
 @pytest.mark.parametrize("layout", ["combined", "split"])

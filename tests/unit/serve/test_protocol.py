@@ -24,8 +24,12 @@ def req(**kw):
         ({"stop": ["a"] * 17}, "stop"),
         ({"stop": [""]}, "stop"),
         ({"presence_penalty": 3}, "presence_penalty"),
-        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"tools": [{"type": "function"}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"response_format": {"type": "yaml"}}, "response_format"),
     ],
 )
 def test_invalid_or_unsupported_parameters_are_rejected_naming_them(bad, param):
@@ -35,7 +39,40 @@ def test_invalid_or_unsupported_parameters_are_rejected_naming_them(bad, param):
 
 
 def test_unknown_openai_fields_are_ignored():
-    assert req(logprobs=False, user="abc", response_format={"type": "text"}).model == "m"
+    assert req(logprobs=False, user="abc", parallel_tool_calls=True, tool_choice="none").model == "m"
+
+
+def test_logprobs_and_response_format_reach_the_engine_request():
+    assert req().engine_logprobs() is None and req(logprobs=True).engine_logprobs() == 0
+    assert req(logprobs=True, top_logprobs=5).engine_logprobs() == 5
+    assert req(response_format={"type": "text"}).response_format.for_engine() is None
+    assert req(response_format={"type": "json_object"}).response_format.for_engine() == {"type": "json_object"}
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    assert req(response_format=fmt).response_format.for_engine() == {"type": "json_schema", "schema": schema}
+
+
+def test_logprobs_render_in_openai_shapes():
+    from raychat.serve.protocol import chat_logprobs, completion_logprobs
+
+    entries = [("<s>", None, []), (" Hé", -0.5, [(" Hé", -0.5), (" Ho", -1.25)]), ("!", -2.0, [("?", -1.0)])]
+    chat = chat_logprobs(entries[1:])["content"]
+    assert chat[0] == {
+        "token": " Hé",
+        "logprob": -0.5,
+        "bytes": [32, 72, 195, 169],
+        "top_logprobs": [
+            {"token": " Hé", "logprob": -0.5, "bytes": [32, 72, 195, 169]},
+            {"token": " Ho", "logprob": -1.25, "bytes": [32, 72, 111]},
+        ],
+    }
+    text = completion_logprobs(entries, text_offset=10)
+    assert text == {
+        "tokens": ["<s>", " Hé", "!"],
+        "token_logprobs": [None, -0.5, -2.0],
+        "top_logprobs": [None, {" Hé": -0.5, " Ho": -1.25}, {"?": -1.0}],
+        "text_offset": [10, 13, 16],
+    }
 
 
 def test_stream_options_include_usage_only_when_streaming():
@@ -51,9 +88,11 @@ def test_completion_prompt_forms(prompt, expected):
     assert CompletionRequest(model="m", prompt=prompt).prompts() == expected
 
 
-def test_completion_defaults_to_16_tokens_and_rejects_echo_and_best_of_above_n():
+def test_completion_defaults_to_16_tokens_and_rejects_suffix_and_best_of_above_n():
     assert CompletionRequest(model="m", prompt="x").max_tokens == 16
-    for bad in ({"echo": True}, {"suffix": "x"}, {"logprobs": 2}, {"best_of": 3}, {"prompt": []}):
+    ok = CompletionRequest(model="m", prompt="x", echo=True, logprobs=5)
+    assert ok.echo and ok.logprobs == 5
+    for bad in ({"suffix": "x"}, {"logprobs": 21}, {"logprobs": -1}, {"best_of": 3}, {"prompt": []}):
         with pytest.raises(ValidationError):
             CompletionRequest.model_validate({"model": "m", "prompt": "x", **bad})
 
