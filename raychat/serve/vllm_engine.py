@@ -21,6 +21,7 @@ from collections.abc import AsyncGenerator
 
 from raychat.core.config import ServeConfig
 from raychat.core.infer.checkpoint_cache import fetch_checkpoint
+from raychat.core.infer.engine_process import EngineProcessDied
 from raychat.core.run_dir import CheckpointRef
 from raychat.serve.engine import Pacer
 from raychat.serve.engine_protocol import EngineChunk, EngineRequest, TokenLogprob, last_chunk
@@ -145,7 +146,8 @@ class VLLMEngine:
 
     async def check_health(self) -> None:
         """Serve's health check: a replica whose vLLM engine core died is replaced."""
-        await self.llm.check_health()
+        if self.llm.errored:
+            raise RuntimeError(f"vLLM's engine core died: {self.llm.dead_error}")
 
     def __del__(self):
         llm = getattr(self, "llm", None)
@@ -167,6 +169,7 @@ class VLLMEngine:
             return
         from vllm import TokensPrompt
         from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         rid = uuid.uuid4().hex
         started = time.perf_counter()
@@ -216,6 +219,9 @@ class VLLMEngine:
                 yield EngineChunk(error=refused(req, e))
                 finished = True
                 return
+            except EngineDeadError as e:  # as the builtin engine's dead child: 503, health check fails, replaced
+                finished = True  # nothing left to abort
+                raise EngineProcessDied(f"vLLM's engine core died: {e}") from None
             if not req.stream:
                 yield EngineChunk(
                     text="".join(texts),

@@ -634,15 +634,17 @@ def test_rolling_out_a_new_config_loses_no_request_in_flight_or_arriving(serve_p
     serve.delete("roll")
 
 
-def _engine_processes() -> set[int]:
-    """PIDs of the engine child processes (``engine_process``) running on this machine."""
+def _engine_processes(engine: str = "builtin") -> set[int]:
+    """PIDs of the engine child processes running on this machine: the builtin engine's (``engine_process``),
+    or vLLM's engine cores."""
     import psutil
 
-    return {
-        p.pid
-        for p in psutil.process_iter(["cmdline"])
-        if "raychat.core.infer.engine_process" in (p.info["cmdline"] or [])
-    }
+    def ours(cmdline: list[str]) -> bool:
+        if engine == "vllm":
+            return bool(cmdline) and cmdline[0].startswith("VLLM::EngineCore")
+        return "raychat.core.infer.engine_process" in cmdline
+
+    return {p.pid for p in psutil.process_iter(["cmdline"]) if ours(p.info["cmdline"] or [])}
 
 
 def _kill_a_replica_mid_load(app: str, c: openai.AsyncOpenAI) -> list[tuple]:
@@ -760,14 +762,15 @@ def test_killing_a_replica_mid_load_in_combined_layout_fails_only_streams_under_
     assert _engine_processes() == engines_before
 
 
-def test_a_dead_engine_process_fails_its_requests_with_503_and_serve_replaces_the_replica(serve_port, tiny_model_dir):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_dead_engine_process_fails_its_requests_with_503_and_serve_replaces_the_replica(
+    serve_port, tiny_model_dir, engine
+):
     import os
     import signal
     from concurrent.futures import ThreadPoolExecutor
 
-    from ray import serve
-
-    before = _engine_processes()
+    before = _engine_processes(engine)
     url = deploy_tiny(
         serve_port,
         "childdeath",
@@ -777,8 +780,9 @@ def test_a_dead_engine_process_fails_its_requests_with_503_and_serve_replaces_th
         layout="combined",
         engine_process=True,
         health_check_period_s=1,
+        **engine_cfg(engine),
     )
-    (child,) = _engine_processes() - before
+    (child,) = _engine_processes(engine) - before
     c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(
@@ -805,6 +809,6 @@ def test_a_dead_engine_process_fails_its_requests_with_503_and_serve_replaces_th
             assert getattr(err, "status_code", 503) >= 500  # unavailable while being replaced, never a 4xx
             time.sleep(1)
     assert outcome == "length"
-    (replacement,) = _engine_processes() - before
+    (replacement,) = _engine_processes(engine) - before
     assert replacement != child
-    serve.delete("childdeath")
+    delete_app("childdeath")

@@ -66,3 +66,12 @@ def test_sampling_params_carry_every_option():
     assert (p.presence_penalty, p.frequency_penalty, p.stop, p.stop_token_ids) == (0.5, 0.25, ["\n"], [32000, 2])
     assert (p.logprobs, p.prompt_logprobs, p.structured_outputs.json) == (2, 2, {"type": "object"})
     assert sampling_params(EngineRequest(prompt=[1]), 1, []).prompt_logprobs is None
+
+
+def test_auto_engine_is_vllm_with_gpus_and_builtin_on_cpu():
+    from raychat.core.config import ServeConfig
+
+    assert ServeConfig(checkpoint="/m").engine_name() == "builtin"
+    assert ServeConfig(checkpoint="/m", num_gpus=1).engine_name() == "vllm"
+    assert ServeConfig(checkpoint="/m", num_gpus=1, engine="builtin").engine_name() == "builtin"
+    assert ServeConfig(checkpoint="/m", engine="vllm").engine_name() == "vllm"
