@@ -230,6 +230,72 @@ async def drive(
     return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "lat": lat, "ttft": ttft, "errors": errors}
 
 
+class BareVLLM:
+    """vLLM's ``AsyncLLM`` in this process, no Ray and no HTTP: the ceiling of the ``vllm`` arms.
+
+    Built with the settings the engine replica uses (:class:`raychat.serve.vllm_engine.VLLMEngine`)
+    and fed the same template token ids; runs on one event loop of its own for its whole life.
+    """
+
+    def __init__(self, checkpoint_dir: str, max_batch_size: int, max_context: int, eager: bool, kv_cache_gb: float):
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.loop = asyncio.new_event_loop()
+        args = AsyncEngineArgs(
+            model=checkpoint_dir,
+            dtype="float32",
+            max_model_len=max_context,
+            max_num_seqs=max_batch_size,
+            max_num_batched_tokens=max(8192, max_context),
+            seed=0,
+            enforce_eager=eager,
+            enable_prefix_caching=True,
+            kv_cache_memory_bytes=int(kv_cache_gb * 2**30),
+        )
+        self.llm = AsyncLLM.from_engine_args(args)
+
+    def run(self, prompts: list[list[int]], concurrency: int, max_tokens: int, stop_ids: list[int]) -> dict:
+        return self.loop.run_until_complete(self._run(prompts, concurrency, max_tokens, stop_ids))
+
+    async def _run(self, prompts, concurrency, max_tokens, stop_ids) -> dict:
+        import uuid
+
+        from vllm import SamplingParams, TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        sp = SamplingParams(
+            max_tokens=max_tokens, temperature=0, stop_token_ids=stop_ids, output_kind=RequestOutputKind.DELTA
+        )
+        sem = asyncio.Semaphore(concurrency)
+        lat, ttft, tokens = [], [], 0
+        t0 = time.perf_counter()
+
+        async def one(p: list[int]) -> None:
+            nonlocal tokens
+            async with sem:
+                t, first = time.perf_counter(), None
+                async for out in self.llm.generate(TokensPrompt(prompt_token_ids=p), sp, request_id=uuid.uuid4().hex):
+                    new = len(out.outputs[0].token_ids)
+                    if first is None and new:
+                        first = time.perf_counter() - t
+                    tokens += new
+                lat.append(time.perf_counter() - t)
+                ttft.append(first if first is not None else lat[-1])
+
+        await asyncio.gather(*(one(p) for p in prompts))
+        wall = time.perf_counter() - t0
+        return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "lat": lat, "ttft": ttft, "errors": 0}
+
+    def close(self) -> None:
+        self.llm.shutdown()
+        pending = asyncio.all_tasks(self.loop)  # vLLM's output handler: ended here, not by a closed loop
+        for task in pending:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self.loop.close()
+
+
 def summarise(runs: list[dict]) -> dict:
     med = statistics.median
     return {
@@ -246,6 +312,8 @@ def summarise(runs: list[dict]) -> dict:
 # App configurations the benchmark can compare in one run (ServeConfig fields on top of the common ones).
 ARMS = {
     "combined": {"layout": "combined"},
+    "vllm": {"layout": "combined", "engine": "vllm"},  # vLLM's AsyncLLM in the replica (bare: BareVLLM)
+    "vllm-split": {"layout": "split", "engine": "vllm"},
     "split": {"layout": "split"},
     "combined-threads": {"layout": "combined", "same_event_loop": False},
     "split-threads": {"layout": "split", "same_event_loop": False},
@@ -372,6 +440,12 @@ def main(argv: list[str] | None = None) -> int:
         help="CPU: linear layers on oneDNN-packed weights (ServeConfig.cpu_packed_linears, the default) or "
         "torch's plain F.linear — in the replicas and both sequential baselines alike",
     )
+    ap.add_argument(
+        "--vllm-eager",
+        action="store_true",
+        help="vllm arms: ServeConfig.vllm_enforce_eager (starts faster, decodes slower); the bare vLLM ceiling too",
+    )
+    ap.add_argument("--vllm-kv-cache-gb", type=float, default=1.0, help="vllm arms: ServeConfig.vllm_kv_cache_gb")
     ap.add_argument("--json", help="write the figures here too")
     ap.add_argument(
         "--engine-only",
@@ -411,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from raychat.core.common.node_cache import MODEL_CACHE
+    from raychat.core.run_dir import resolve_checkpoint
     from raychat.serve.app import build_app
     from tests.conftest import free_port
 
@@ -468,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
                     "max_ongoing_requests": max(args.max_batch_size, 64) * 2,
                     "max_queued_requests": -1,
                     "cpu_packed_linears": args.cpu_linears == "packed",
+                    "vllm_enforce_eager": args.vllm_eager,
+                    "vllm_kv_cache_gb": args.vllm_kv_cache_gb,
                     **ARMS[arm],
                     **extra,
                 }
@@ -485,6 +563,19 @@ def main(argv: list[str] | None = None) -> int:
     gen_ratios = {k: [] for k in serve_runs}
     ttft_overheads = {k: [] for k in serve_runs}
     ceiling = {c: [] for c in levels if c > 1}
+    # The vllm arms are compared with bare vLLM too, run right before and after each of their Serve runs.
+    bare = None
+    bare_runs = {k: [] for k in serve_runs if ARMS[k[0]].get("engine") == "vllm"}
+    bare_ratios = {k: [] for k in bare_runs}
+    bare_ttft_overheads = {k: [] for k in bare_runs}
+    if bare_runs:
+        from raychat.core.infer.checkpoint_cache import fetch_checkpoint
+
+        local = fetch_checkpoint(resolve_checkpoint(checkpoint).uri, MODEL_CACHE)
+        max_context = int(seq.b.max_context)
+        bare = BareVLLM(str(local), args.max_batch_size, max_context, args.vllm_eager, args.vllm_kv_cache_gb)
+        stop_ids = sorted(seq.b.stop_ids)
+        bare.run([seq.prompt(i) for i in range(8)], 8, 8, stop_ids)  # warm-up
     for rep in range(args.repeats):
         for c in ceiling:
             base, batched = batched_vs_sequential(seq, args, c)
@@ -497,7 +588,21 @@ def main(argv: list[str] | None = None) -> int:
             gen_before = seq.run_generate(nb, args.max_tokens)
             before = seq.run(nb, args.max_tokens)
             n = args.requests or max(16, 4 * c)
+            if (arm, c, st) in bare_runs:
+                bare_before = bare.run([seq.prompt(i) for i in range(n)], c, args.max_tokens, stop_ids)
             r = asyncio.run(drive(urls[arm], key, "bench", c, n, args.max_tokens, args.time_cap, st))
+            if (arm, c, st) in bare_runs:
+                bare_after = bare.run([seq.prompt(i) for i in range(n)], c, args.max_tokens, stop_ids)
+                bare_runs[arm, c, st] += [bare_before, bare_after]
+                bare_ratios[arm, c, st].append(2 * r["tok_s"] / (bare_before["tok_s"] + bare_after["tok_s"]))
+                bare_ttft = (percentile(bare_before["ttft"], 50) + percentile(bare_after["ttft"], 50)) / 2
+                if r["ttft"]:
+                    bare_ttft_overheads[arm, c, st].append((percentile(r["ttft"], 50) - bare_ttft) * 1e3)
+                print(
+                    f"[{rep + 1}/{args.repeats}] bare vLLM concurrency {c:>3}: {bare_before['tok_s']:.0f} / "
+                    f"{bare_after['tok_s']:.0f} tok/s before / after; {arm} is {bare_ratios[arm, c, st][-1]:.2f}x of it",
+                    flush=True,
+                )
             after = seq.run(nb, args.max_tokens)
             gen_after = seq.run_generate(nb, args.max_tokens)
             seq_runs += [before, after]
@@ -521,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     serve.shutdown()
     ray.shutdown()
+    if bare is not None:
+        bare.close()
     seq = summarise(seq_runs)
     gen_tok_s = statistics.median(g["tok_s"] for g in gen_runs)
     results = {k: summarise(runs) for k, runs in serve_runs.items()}
@@ -552,6 +659,21 @@ def main(argv: list[str] | None = None) -> int:
             f"{statistics.median(ratios[arm, c, st]):.1f}× | {statistics.median(gen_ratios[arm, c, st]):.1f}× | "
             f"{r['p50_latency_ms']:.0f} / {r['p99_latency_ms']:.0f} | {ms(r['p50_ttft_ms'])} / {ms(r['p99_ttft_ms'])} |"
         )
+    if bare_runs:
+        print(
+            "\n| vLLM arm | bare vLLM tok/s (in-process) | through raychat's Serve layer tok/s | ratio (target ≥ 0.9 at 64) "
+            "| p50 TTFT bare / Serve (ms) |"
+        )
+        print("|---|---:|---:|---:|---:|")
+        for (arm, c, st), runs in bare_runs.items():
+            b, r = summarise(runs), results[arm, c, st]
+            print(
+                f"| {arm}, concurrency {c}, {'streamed' if st else 'non-streamed'} | {b['tok_s']:.0f} | {r['tok_s']:.0f} | "
+                f"{statistics.median(bare_ratios[arm, c, st]):.2f}× | {ms(b['p50_ttft_ms'])} / {ms(r['p50_ttft_ms'])} |"
+            )
+        for (arm, c, st), xs in bare_ttft_overheads.items():
+            if c == 1 and st and xs:
+                print(f"TTFT overhead over bare vLLM at concurrency 1, {arm}: {statistics.median(xs):.1f} ms")
     for arm in arms:
         if (arm, 1, True) in results:
             print(
