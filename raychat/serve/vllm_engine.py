@@ -4,8 +4,8 @@ The prompt is always the token ids raychat builds (:class:`raychat.serve.prompts
 the exact OpenChat / C-RLFT template and the request's ``condition``), never vLLM's chat
 template; vLLM adds paged KV cache, prefix caching, continuous batching, logprobs and structured
 output (``response_format``). Everything around it is raychat's: admission, API keys, the
-OpenAI surface, streaming pace, metrics. vLLM's own metrics are exported through Ray's metrics
-(``vllm:*`` next to ``raychat_*``).
+OpenAI surface, streaming pace, metrics. vLLM's own metrics go to Ray's metrics agent too
+(vLLM's ``RayPrometheusStatLogger``, as Ray Serve LLM does).
 
 The replica's deployment name stays ``LLMEngine`` whatever the engine (RayService configs
 override it by that name).

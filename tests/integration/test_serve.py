@@ -501,11 +501,12 @@ def test_32_concurrent_requests_all_succeed_and_share_batches(api):
     assert whole[5].choices[0].message.content == solo.choices[0].message.content
 
 
-@pytest.mark.parametrize("layout", ["split", "combined"])
-def test_full_queue_answers_fast_with_429_retry_after(serve_port, tiny_model_dir, layout):
+@pytest.mark.parametrize(("layout", "engine"), [("split", "builtin"), ("combined", "builtin"), ("combined", "vllm")])
+def test_full_queue_answers_fast_with_429_retry_after(serve_port, tiny_model_dir, layout, engine):
+    name = f"tight-{layout}-{engine}"
     url = deploy_tiny(
         serve_port,
-        f"tight-{layout}",
+        name,
         tiny_model_dir,
         num_replicas=1,
         max_batch_size=1,
@@ -513,6 +514,7 @@ def test_full_queue_answers_fast_with_429_retry_after(serve_port, tiny_model_dir
         max_queued_requests=1,
         retry_after_s=2,
         layout=layout,
+        **engine_cfg(engine),
     )
 
     async def one(c):
@@ -535,6 +537,7 @@ def test_full_queue_answers_fast_with_429_retry_after(serve_port, tiny_model_dir
         # split: the router's answer; combined: the replica's own admission limit, before Serve's
         assert e.response.headers["retry-after"] == "2" and dt < 2.0
         assert e.body["code"] == "queue_full" and e.body["type"] == "rate_limit_error"
+    delete_app(name)
 
 
 def test_default_layout_autoscales_up_under_load(serve_port, tiny_model_dir):
