@@ -695,10 +695,12 @@ def _kill_a_replica_mid_load(app: str, c: openai.AsyncOpenAI) -> list[tuple]:
     return asyncio.run(main())
 
 
-def test_killing_an_engine_replica_mid_load_loses_no_accepted_request_in_split_layout(serve_port, tiny_model_dir):
-    from ray import serve
-
+@pytest.mark.parametrize("engine", ENGINES)
+def test_killing_an_engine_replica_mid_load_loses_no_accepted_request_in_split_layout(
+    serve_port, tiny_model_dir, engine
+):
     # The router retries a dead engine replica and reports, in OpenAI's format, what it cannot retry.
+    before = _engine_processes(engine)
     url = deploy_tiny(
         serve_port,
         "killsplit",
@@ -706,6 +708,7 @@ def test_killing_an_engine_replica_mid_load_loses_no_accepted_request_in_split_l
         num_replicas=2,
         max_batch_size=8,
         layout="split",
+        **engine_cfg(engine),
     )
     results = _kill_a_replica_mid_load("killsplit", aclient(url, key="unused"))  # no client retries
     for status, body in results:
@@ -714,7 +717,12 @@ def test_killing_an_engine_replica_mid_load_loses_no_accepted_request_in_split_l
         # Only clean OpenAI-format failures are allowed, never a 500, a cut-off stream or a hang.
         assert status in (503, "stream-error") and body["code"] == "replica_unavailable", (status, body)
     assert sum(s == "ok" for s, _ in results) >= 18
-    serve.delete("killsplit")
+    delete_app("killsplit")
+    # The killed replica's engine processes went with it: none is left behind holding memory.
+    deadline = time.monotonic() + 30
+    while _engine_processes(engine) - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _engine_processes(engine) - before
 
 
 def test_killing_a_replica_mid_load_in_combined_layout_fails_only_streams_under_way_and_loudly(
