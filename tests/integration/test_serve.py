@@ -537,7 +537,6 @@ def test_full_queue_answers_fast_with_429_retry_after(serve_port, tiny_model_dir
         # split: the router's answer; combined: the replica's own admission limit, before Serve's
         assert e.response.headers["retry-after"] == "2" and dt < 2.0
         assert e.body["code"] == "queue_full" and e.body["type"] == "rate_limit_error"
-    delete_app(name)
 
 
 def test_default_layout_autoscales_up_under_load(serve_port, tiny_model_dir):
